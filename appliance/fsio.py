@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.errors import ConfigError, DeviceError
+from appliance.errors import CallerError, ConfigError, DeviceError
 
 __all__ = [
     "DIR_MODE",
@@ -105,16 +105,24 @@ def remove_stale_temps(directory: Path) -> list[str]:
 
 
 def read_file(path: Path, *, limit: int = 64 << 20) -> bytes:
-    """Read a whole file, refusing anything larger than ``limit`` bytes."""
+    """Read a whole file, refusing anything larger than ``limit`` bytes.
+
+    A missing, unreadable or directory path is the caller's to fix (:class:`ConfigError`);
+    other I/O failures are the device's (:class:`DeviceError`).
+    """
     try:
         with path.open("rb") as f:
             data = f.read(limit + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None
     if len(data) > limit:
-        raise DeviceError(f"{path}: larger than {limit} bytes")
+        raise CallerError(f"{path}: larger than {limit} bytes")
     return data
 
 
