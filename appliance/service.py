@@ -1,0 +1,496 @@
+"""The running appliance: one token session, one keystore, one WAL writer.
+
+Every state change is a WAL record fsync'd before the call returns; key state is replayed
+from the WAL at open.  Operations name keys by label, key id or ``pkcs11:`` URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import ChainMap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import mldsa
+
+from appliance.algorithms import ClassicalAlg, parse_alg
+from appliance.config import Config, write_config
+from appliance.errors import (
+    CallerError,
+    KeyExists,
+    NoSuchKey,
+    NotInitialized,
+    PolicyDenied,
+    StateError,
+)
+from appliance.fsio import ensure_private_dir, remove_stale_temps
+from appliance.keys import KeyInfo, KeyKind, KeyState, apply_record, parse_selector, replay
+from appliance.keystore import KdfParams, Keystore
+from appliance.migration.engine import BulkResult, MigrationEngine, Progress
+from appliance.migration.recovery import RecoveryReport, recover
+from appliance.pqc import PqcBackend, active_backend, backend_info
+from appliance.secret import BytesLike, SecretBytes
+from appliance.token import TokenBackend
+from appliance.token.pkcs11 import Pkcs11Token
+from appliance.wal import Wal
+
+__all__ = ["Appliance", "Status"]
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL: Final = 128
+MAX_MESSAGE: Final = 64 << 20
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_label(label: str) -> str:
+    if not label or len(label.encode()) > MAX_LABEL or any(ord(c) < 0x20 for c in label):
+        raise CallerError(f"label must be 1 to {MAX_LABEL} printable bytes")
+    return label
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    home: str
+    appliance_id: str
+    token: dict[str, str]
+    keystore: dict[str, Any]
+    pqc_backend: dict[str, Any]
+    wal: dict[str, Any]
+    keys_by_state: dict[str, int]
+    keys_total: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "home": self.home,
+            "appliance_id": self.appliance_id,
+            "token": self.token,
+            "keystore": self.keystore,
+            "pqc_backend": self.pqc_backend,
+            "wal": self.wal,
+            "keys_by_state": self.keys_by_state,
+            "keys_total": self.keys_total,
+        }
+
+
+class Appliance:
+    """An opened appliance.  Use :meth:`initialize` once, then :meth:`open`."""
+
+    def __init__(
+        self, cfg: Config, token: TokenBackend, keystore: Keystore, wal: Wal, pqc: PqcBackend
+    ) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.keystore = keystore
+        self.wal = wal
+        self.pqc = pqc
+        self._lock = threading.RLock()
+        self._keys = replay(wal.records())
+        self.damaged: dict[str, str] = {}
+        self.engine = MigrationEngine(self)
+        self.last_recovery: RecoveryReport | None = None
+        init = next(iter(wal.records()), None)
+        self.appliance_id = init.fields.get("appliance_id", b"").hex() if init is not None else ""
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def initialize(
+        cls, cfg: Config, *, pin: SecretBytes, passphrase: SecretBytes, kdf: KdfParams
+    ) -> Appliance:
+        """Create the keystore and the WAL's genesis record on an already initialized token."""
+        home = cfg.home
+        if (home / "keystore.cbor").exists() or (home / "wal" / "wal.log").exists():
+            raise KeyExists(f"{home} already holds an appliance")
+        ensure_private_dir(home)
+        cfg.apply_environment()
+        token = Pkcs11Token.open(cfg.token, pin)
+        try:
+            pqc = active_backend()
+            keystore = Keystore(home, token, pqc)
+            header = keystore.create(passphrase, kdf)
+            write_config(cfg)
+            wal = Wal.open(home / "wal")
+            info = token.info()
+            wal.append_commit(
+                "appliance.init",
+                {
+                    "appliance_id": os.urandom(16),
+                    "keystore_id": header.keystore_id,
+                    "token_label": info.label,
+                    "token_serial": info.serial,
+                    "kdf": kdf.alg,
+                    "version": 1,
+                },
+            )
+        except BaseException:
+            token.close()
+            raise
+        return cls(cfg, token, keystore, wal, pqc)
+
+    @classmethod
+    def open(cls, cfg: Config, *, pin: SecretBytes, passphrase: SecretBytes | None) -> Appliance:
+        """Log in to the token, open the WAL, recover, and unlock when a passphrase is given."""
+        if not (cfg.home / "keystore.cbor").exists():
+            raise NotInitialized(f"{cfg.home}: no appliance here (run `pqhsm init`)")
+        cfg.apply_environment()
+        token = Pkcs11Token.open(cfg.token, pin)
+        wal: Wal | None = None
+        try:
+            wal = Wal.open(cfg.home / "wal")
+            pqc = active_backend()
+            app = cls(cfg, token, Keystore(cfg.home, token, pqc), wal, pqc)
+            app._recover_passphrase_change()
+            app.recover()
+            if passphrase is not None:
+                app.keystore.unlock(passphrase)
+        except BaseException:
+            if wal is not None:
+                wal.close()
+            token.close()
+            raise
+        return app
+
+    def close(self) -> None:
+        """Zeroize, close the token session and release the WAL."""
+        with self._lock:
+            self.keystore.lock()
+            self.token.close()
+            self.wal.close()
+
+    def __enter__(self) -> Appliance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recover_passphrase_change(self) -> None:
+        """Roll an interrupted passphrase change forward (WAL has it) or back (it does not)."""
+        for d in (self.cfg.home, self.keystore.blob_dir):
+            for name in remove_stale_temps(d):
+                log.warning("removed %s left by an interrupted write", name)
+        pending = self.keystore.pending_generation()
+        committed = (
+            any(
+                r.type == "keystore.passphrase" and r.fields.get("gen") == pending
+                for r in self.wal.records()
+            )
+            if pending is not None
+            else False
+        )
+        if pending is not None and committed:
+            log.warning(
+                "finishing a passphrase change interrupted after its WAL record (gen %s)", pending
+            )
+            self.keystore.commit_change()
+        elif list(self.keystore.blob_dir.glob("*.blob.new")) or pending is not None:
+            log.warning("discarding a passphrase change interrupted before its WAL record")
+            self.keystore.rollback_change()
+
+    # -- WAL -----------------------------------------------------------------------------------
+
+    def append_record(self, rtype: str, fields: dict[str, Any]) -> None:
+        """Check a record against the key state, append it (not yet durable), fold it in.
+
+        The check runs on a copy-on-write overlay first, so a record that replay would
+        refuse never reaches the log.
+        """
+        with self._lock:
+            trial: ChainMap[str, KeyInfo] = ChainMap({}, self._keys)
+            apply_record(trial, rtype, {**fields, "ts": 0}, len(self.wal))
+            rec = self.wal.append(rtype, fields)
+            apply_record(self._keys, rec.type, rec.fields, rec.seq)
+
+    def _commit(self, rtype: str, fields: dict[str, Any]) -> None:
+        with self._lock:
+            self.append_record(rtype, fields)
+            self.wal.commit()
+
+    def recover(self) -> RecoveryReport:
+        """Finish interrupted finalizations, check every key, drop orphan blobs (idempotent)."""
+        with self._lock:
+            report = recover(self)
+            self.damaged = dict(report.damaged)
+            self.last_recovery = report
+            return report
+
+    # -- migration -------------------------------------------------------------------------------
+
+    def migrate(
+        self,
+        key: KeyInfo,
+        to: KeyState,
+        *,
+        allow_backward: bool = False,
+        reason: str | None = None,
+        actor: str = "operator",
+    ) -> KeyInfo:
+        """Move one key to ``to``; each edge is durable before the next starts."""
+        if key.key_id in self.damaged:
+            raise StateError(
+                f"key {key.label!r} is DAMAGED ({self.damaged[key.key_id]}); "
+                "run `pqhsm recover` after repairing it"
+            )
+        if key.state is KeyState.CLASSICAL:
+            self.keystore._require()  # a new blob is sealed under the passphrase
+        return self.engine.migrate(
+            key, to, allow_backward=allow_backward, reason=reason, actor=actor
+        )
+
+    def migrate_all(
+        self,
+        to: KeyState,
+        *,
+        reason: str | None = None,
+        actor: str = "operator",
+        batch: int = 256,
+        progress: Progress | None = None,
+    ) -> BulkResult:
+        """Move every key that is behind ``to`` forward, many records per fsync."""
+        if any(k.state is KeyState.CLASSICAL and k.kind is KeyKind.CLASSICAL for k in self.keys()):
+            self.keystore._require()
+        return self.engine.migrate_all(
+            to, reason=reason, actor=actor, batch=batch, progress=progress
+        )
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def keys(self) -> list[KeyInfo]:
+        with self._lock:
+            return sorted(self._keys.values(), key=lambda k: (k.created, k.key_id))
+
+    def key(self, key_id: str) -> KeyInfo:
+        with self._lock:
+            try:
+                return self._keys[key_id]
+            except KeyError:
+                raise NoSuchKey(f"no key with id {key_id}") from None
+
+    def find(self, selector: str) -> KeyInfo:
+        with self._lock:
+            return parse_selector(selector).match(self._keys, self.token.info().label)
+
+    def _check_new_label(self, label: str) -> None:
+        _check_label(label)
+        if any(k.label == label for k in self._keys.values()):
+            raise KeyExists(f"a key labelled {label!r} already exists")
+
+    def create_key(self, key_type: str, label: str) -> KeyInfo:
+        """Create a key: a classical type in the token, or ``ml-dsa-87`` in a sealed blob."""
+        with self._lock:
+            self._check_new_label(label)
+            cka_id = os.urandom(16)
+            key_id = cka_id.hex()
+            if key_type == "ml-dsa-87":
+                public, digest = self.keystore.new_mldsa(key_id)
+                self._commit(
+                    "key.create",
+                    {
+                        "key_id": key_id,
+                        "label": label,
+                        "kind": KeyKind.MLDSA.value,
+                        "state": KeyState.PQC_ONLY.value,
+                        "pqc_public": public,
+                        "blob_sha3": digest,
+                        "origin": "generated",
+                    },
+                )
+                return self._keys[key_id]
+            alg = parse_alg(key_type)
+            spki = self.token.generate_keypair(alg, cka_id, label)
+            self._commit(
+                "key.create",
+                {
+                    "key_id": key_id,
+                    "label": label,
+                    "kind": KeyKind.CLASSICAL.value,
+                    "state": KeyState.CLASSICAL.value,
+                    "classical_alg": alg.name,
+                    "cka_id": cka_id,
+                    "classical_spki": spki,
+                    "origin": "generated",
+                },
+            )
+            return self._keys[key_id]
+
+    def adopt_key(
+        self, *, label: str | None = None, cka_id: bytes | None = None, new_label: str | None = None
+    ) -> KeyInfo:
+        """Take an existing token keypair under management (it stays where it is).
+
+        Security: refuses a private key that is not sensitive or is extractable: I2 says no
+        classical private key may ever exist outside the token.
+        """
+        with self._lock:
+            found = self.token.find_keypair(label=label, cka_id=cka_id)
+            if not found.sensitive or found.extractable:
+                raise PolicyDenied(
+                    f"token key {found.label!r} is "
+                    f"{'extractable' if found.extractable else 'not sensitive'}; only keys that "
+                    "can never leave the token are adopted"
+                )
+            if not found.cka_id:
+                raise CallerError(f"token key {found.label!r} has an empty CKA_ID; set one first")
+            key_id = found.cka_id.hex()
+            if key_id in self._keys:
+                raise KeyExists(f"token key {found.label!r} is already managed as {key_id}")
+            managed_label = new_label or found.label or key_id
+            self._check_new_label(managed_label)
+            self._commit(
+                "key.create",
+                {
+                    "key_id": key_id,
+                    "label": managed_label,
+                    "kind": KeyKind.CLASSICAL.value,
+                    "state": KeyState.CLASSICAL.value,
+                    "classical_alg": found.alg.name,
+                    "cka_id": found.cka_id,
+                    "classical_spki": found.spki,
+                    "origin": "adopted",
+                },
+            )
+            return self._keys[key_id]
+
+    @staticmethod
+    def public_key_pem_of(key: KeyInfo, *, part: str | None = None) -> bytes:
+        """SPKI PEM of the key's classical part or, for PQC keys, its ML-DSA-87 part."""
+        if part is None:
+            part = "classical" if key.classical_spki is not None else "ml-dsa"
+        if part == "classical":
+            if key.classical_spki is None:
+                raise StateError(f"key {key.label!r} has no classical public key")
+            der = key.classical_spki
+        elif part == "ml-dsa":
+            if key.pqc_public is None:
+                raise StateError(f"key {key.label!r} has no ML-DSA-87 public key")
+            der = mldsa.MLDSA87PublicKey.from_public_bytes(key.pqc_public).public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        else:
+            raise CallerError(f"unknown public key part {part!r} (classical or ml-dsa)")
+        body = serialization.load_der_public_key(der)
+        return body.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    # -- signing ---------------------------------------------------------------------------------
+
+    def sign(
+        self,
+        key: KeyInfo,
+        message: BytesLike,
+        *,
+        kind: str | None = None,
+        raw: bool = False,
+        context: bytes = b"",
+    ) -> bytes:
+        """Sign with what the key's state allows.
+
+        ``kind`` is ``classical`` or ``ml-dsa``; by default CLASSICAL, HYBRID and
+        PQC_PREFERRED keys sign classically (dual signatures arrive with the signing
+        issue) and FINALIZING/PQC_ONLY keys sign with ML-DSA-87 only.
+        """
+        if len(message) > MAX_MESSAGE:
+            raise CallerError(f"message larger than {MAX_MESSAGE} bytes")
+        current = self.key(key.key_id)
+        if current.key_id in self.damaged:
+            raise StateError(f"key {current.label!r} is DAMAGED: {self.damaged[current.key_id]}")
+        has_classical = current.kind is KeyKind.CLASSICAL and current.state in (
+            KeyState.CLASSICAL,
+            KeyState.HYBRID,
+            KeyState.PQC_PREFERRED,
+        )
+        has_pqc = current.pqc_public is not None
+        if kind is None:
+            kind = "classical" if has_classical else "ml-dsa"
+        if kind == "classical":
+            if not has_classical:
+                raise StateError(
+                    f"key {current.label!r} is {current.state.value}: its classical "
+                    "private key is gone; sign with ML-DSA-87"
+                )
+            if context:
+                raise CallerError("classical signatures take no context")
+            if current.cka_id is None or current.classical_alg is None:
+                raise StateError(f"key {current.label!r} has no token key recorded")
+            return self.token.sign(
+                parse_alg(current.classical_alg), current.cka_id, message, raw=raw
+            )
+        if kind == "ml-dsa":
+            if not has_pqc:
+                raise StateError(
+                    f"key {current.label!r} is {current.state.value}: it has no "
+                    "ML-DSA-87 key yet (migrate it to HYBRID)"
+                )
+            if raw:
+                raise CallerError("--raw applies to ECDSA signatures only")
+            signer = self.keystore.open_mldsa(
+                current.key_id, expect_public=current.pqc_public, expect_digest=current.blob_sha3
+            )
+            return signer.sign(message, context)
+        raise CallerError(f"unknown signature kind {kind!r} (classical or ml-dsa)")
+
+    # -- passphrase --------------------------------------------------------------------------------
+
+    def change_passphrase(self, old: SecretBytes, new: SecretBytes) -> int:
+        """Re-encrypt every blob under ``new``.  The WAL record is the commit point."""
+        with self._lock:
+            gen, digests = self.keystore.prepare_change(old, new)
+            self._commit("keystore.passphrase", {"gen": gen, "blobs": digests})
+            self.keystore.commit_change()
+            self.keystore.unlock(new)
+            return len(digests)
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        with self._lock:
+            info = self.token.info()
+            header = self.keystore.header()
+            counts = {s.value: 0 for s in KeyState}
+            for k in self._keys.values():
+                counts[k.state.value] += 1
+            seq, head = self.wal.head
+            bi = backend_info()
+            return Status(
+                home=str(self.cfg.home),
+                appliance_id=self.appliance_id,
+                token={
+                    "module": info.module,
+                    "label": info.label,
+                    "serial": info.serial,
+                    "manufacturer": info.manufacturer,
+                    "model": info.model,
+                },
+                keystore={
+                    "unlocked": self.keystore.unlocked,
+                    "kdf": header.kdf.alg,
+                    "passphrase_generation": header.kdf.gen,
+                    "blobs": len(self.keystore.blob_ids()),
+                    "kem": "ML-KEM-1024 (seed wrapped by the token)",
+                },
+                pqc_backend={
+                    "active": bi.active,
+                    "liboqs_available": bi.liboqs_available,
+                    "liboqs_library": bi.liboqs_library,
+                },
+                wal={"records": len(self.wal), "head_seq": seq, "head_hash": head.hex()},
+                keys_by_state=counts,
+                keys_total=len(self._keys),
+            )
+
+
+def supported_key_types() -> list[str]:
+    return [a.value for a in ClassicalAlg] + ["ml-dsa-87"]
+
+
+def home_is_initialized(home: Path) -> bool:
+    return (home / "keystore.cbor").exists()

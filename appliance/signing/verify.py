@@ -1,0 +1,74 @@
+"""Verification from public keys alone: what a verifier node runs, with no token.
+
+``verify_signature`` returns ``None`` or raises :class:`SignatureInvalid`; it never returns
+a bool.  Malformed keys are a :class:`CallerError` naming the problem; a malformed
+signature is just an invalid one.
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from appliance.errors import CallerError, SignatureInvalid
+from appliance.pqc import MAX_CONTEXT, active_backend
+from appliance.secret import BytesLike
+
+__all__ = ["load_public_key", "verify_signature"]
+
+_ECDSA_HASH: dict[str, type[hashes.HashAlgorithm]] = {
+    "secp256r1": hashes.SHA256,
+    "secp256k1": hashes.SHA256,
+    "secp384r1": hashes.SHA384,
+}
+
+
+def load_public_key(data: bytes) -> PublicKeyTypes:
+    """Parse a PEM or DER SubjectPublicKeyInfo."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return serialization.load_pem_public_key(data)
+        return serialization.load_der_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CallerError("not a PEM or DER public key (SubjectPublicKeyInfo)") from None
+
+
+def verify_signature(
+    key: PublicKeyTypes, message: BytesLike, signature: BytesLike, *, context: bytes = b""
+) -> None:
+    """Verify a plain classical or ML-DSA-87 signature.
+
+    ECDSA accepts DER ``Ecdsa-Sig-Value`` or raw r||s; the hash follows the curve (SHA-256
+    for P-256 and secp256k1, SHA-384 for P-384).  ``context`` applies to ML-DSA only.
+
+    :raises SignatureInvalid: the signature does not verify (one message for every cause).
+    """
+    msg, sig = bytes(message), bytes(signature)
+    if context and not isinstance(key, mldsa.MLDSA87PublicKey):
+        raise CallerError("a context applies to ML-DSA signatures only")
+    if len(context) > MAX_CONTEXT:
+        raise CallerError(f"context longer than {MAX_CONTEXT} bytes")
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(sig, msg)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            hash_cls = _ECDSA_HASH.get(key.curve.name)
+            if hash_cls is None:
+                raise CallerError(f"unsupported curve {key.curve.name}")
+            n = (key.curve.key_size + 7) // 8
+            if len(sig) == 2 * n and sig[0] != 0x30:
+                sig = encode_dss_signature(
+                    int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big")
+                )
+            key.verify(sig, msg, ec.ECDSA(hash_cls()))
+        elif isinstance(key, mldsa.MLDSA87PublicKey):
+            active_backend().mldsa87_verify(key.public_bytes_raw(), msg, sig, context)
+        else:
+            raise CallerError(f"unsupported public key type {type(key).__name__}")
+    except InvalidSignature:
+        raise SignatureInvalid("signature invalid") from None
+    except ValueError:
+        raise SignatureInvalid("signature invalid") from None

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real SoftHSM2 token directory per test session, a fresh token per test.
+
+SoftHSM2 reads ``SOFTHSM2_CONF`` once, when the module is first initialized, and
+python-pkcs11 caches the module per path; so one token directory serves the whole session
+and every test that needs a clean token gets a new one in it (``C_InitToken`` in-process,
+which the loaded module sees at once).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from appliance.config import Config
+from appliance.keystore import PBKDF2_SHA3, calibrate
+from appliance.secret import SecretBytes
+from appliance.token.initdev import init_token
+from appliance.token.softhsm import SOFTHSM_MODULES
+
+PIN = b"1234-test-pin"
+SO_PIN = b"5678-test-so-pin"
+PASSPHRASE = b"correct horse battery staple"
+CHEAP_PBKDF2 = 1_000  # tests only: production calibrates to about one second
+
+if TYPE_CHECKING:
+    from appliance.service import Appliance
+
+_counter = itertools.count(1)
+
+
+def softhsm_module() -> str | None:
+    env = os.environ.get("PKCS11_MODULE")
+    if env:
+        return env
+    return next((m for m in SOFTHSM_MODULES if Path(m).is_file()), None)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    module: str
+    label: str
+    pin: bytes
+    so_pin: bytes
+
+    def pin_secret(self) -> SecretBytes:
+        return SecretBytes(self.pin)
+
+
+@pytest.fixture(scope="session")
+def softhsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    module = softhsm_module()
+    if module is None or shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 not installed (Debian package softhsm2)")
+    root = tmp_path_factory.mktemp("softhsm")
+    (root / "tokens").mkdir(mode=0o700)
+    conf = root / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    return root
+
+
+def new_token() -> TokenSpec:
+    """Initialize one more token in the session's SoftHSM2 directory."""
+    module = softhsm_module()
+    assert module is not None
+    label = f"test-{os.getpid()}-{next(_counter)}"
+    init_token(module, label, SecretBytes(SO_PIN), SecretBytes(PIN))
+    return TokenSpec(module=module, label=label, pin=PIN, so_pin=SO_PIN)
+
+
+@pytest.fixture
+def fresh_token(softhsm_dir: Path) -> TokenSpec:
+    return new_token()
+
+
+def make_config(home: Path, token: TokenSpec) -> Config:
+    return Config(home=home, module=token.module, token_label=token.label)
+
+
+@pytest.fixture
+def app_home(tmp_path: Path) -> Path:
+    home = tmp_path / "pqhsm"
+    return home
+
+
+@pytest.fixture
+def appliance(fresh_token: TokenSpec, app_home: Path) -> Iterator[Appliance]:
+    from appliance.service import Appliance
+
+    cfg = make_config(app_home, fresh_token)
+    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=CHEAP_PBKDF2)
+    app = Appliance.initialize(
+        cfg, pin=fresh_token.pin_secret(), passphrase=SecretBytes(PASSPHRASE), kdf=kdf
+    )
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def run_cli(
+    *args: str,
+    home: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the real ``pqhsm`` command in a child process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PQHSM_")}
+    full_env.pop("SOFTHSM2_CONF", None)
+    if env:
+        full_env.update(env)
+    cmd = [sys.executable, "-m", "appliance"]
+    if home is not None:
+        cmd += ["--home", str(home)]
+    proc = subprocess.run(
+        [*cmd, *args], env=full_env, input=stdin, capture_output=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pqhsm {' '.join(args)} failed: {proc.stderr.decode()}")
+    return proc

@@ -1,0 +1,389 @@
+"""The real ``pqhsm`` command in child processes, on an embedded SoftHSM2 token.
+
+Signatures are checked by the ``openssl`` command; an adopted key is made by ``pkcs11-tool``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.softhsm
+
+TYPES = ["ed25519", "ed448", "ecdsa-p256", "ecdsa-p384", "ecdsa-secp256k1"]
+DGST = {"ecdsa-p256": "sha256", "ecdsa-p384": "sha384", "ecdsa-secp256k1": "sha256"}
+
+
+def _init(root: Path) -> Path:
+    home = root / "pqhsm"
+    proc = run_cli(
+        "init",
+        "--embedded-softhsm",
+        "--generate-secrets",
+        str(root / "secrets"),
+        "--pbkdf2-iterations",
+        "1000",
+        "--json",
+        home=home,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    status = json.loads(proc.stdout)
+    assert status["token"]["label"] == "pqhsm"
+    assert status["keystore"]["kdf"] == "pbkdf2-hmac-sha3-256"
+    assert status["pqc_backend"]["active"] == "cryptography"
+    return home
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _init(tmp_path_factory.mktemp("cli"))
+
+
+def ok(*args: str, home: Path, stdin: bytes | None = None) -> bytes:
+    proc = run_cli(*args, home=home, stdin=stdin)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout
+
+
+def fails(*args: str, home: Path | None, env: dict[str, str] | None = None, match: str = "") -> str:
+    """The command fails with exactly one ``error:`` line and no traceback."""
+    proc = run_cli(*args, home=home, env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert match in lines[0], err
+    return lines[0]
+
+
+def openssl_verify(key_type: str, pem: Path, msg: Path, sig: Path) -> int:
+    if key_type in DGST:
+        cmd = [
+            "openssl",
+            "dgst",
+            f"-{DGST[key_type]}",
+            "-verify",
+            str(pem),
+            "-signature",
+            str(sig),
+            str(msg),
+        ]
+    else:
+        cmd = [
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            str(pem),
+            "-rawin",
+            "-in",
+            str(msg),
+            "-sigfile",
+            str(sig),
+        ]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode
+
+
+def test_secrets_and_state_are_private(home: Path) -> None:
+    secrets = home.parent / "secrets"
+    for name in ("token-pin", "so-pin", "passphrase"):
+        assert (secrets / name).stat().st_mode & 0o777 == 0o600
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert home.stat().st_mode & 0o777 == 0o700
+    for p in home.rglob("*"):
+        if p.is_file() and "tokens" not in p.parts:
+            assert p.stat().st_mode & 0o077 == 0, p
+    cfg = (home / "config.toml").read_text()
+    assert (secrets / "passphrase").read_text().strip() not in cfg
+
+
+@pytest.mark.parametrize("key_type", TYPES)
+def test_every_type_signs_and_openssl_verifies(home: Path, tmp_path: Path, key_type: str) -> None:
+    label = f"cli-{key_type}"
+    created = json.loads(
+        ok("key", "create", "--type", key_type, "--label", label, "--json", home=home)
+    )
+    assert created["state"] == "CLASSICAL"
+    assert created["classical_alg"] == key_type
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"custody transfer #42\n")
+    pem, sig = tmp_path / "pub.pem", tmp_path / "sig"
+    ok("key", "export-public", label, "--out", str(pem), home=home)
+    ok("sign", label, "--in", str(msg), "--out", str(sig), home=home)
+    assert openssl_verify(key_type, pem, msg, sig) == 0
+    # the appliance's own verifier agrees, by public key file and by key name
+    ok("verify", "--pub", str(pem), "--in", str(msg), "--sig", str(sig), home=home)
+    ok("verify", "--key", f"id:{created['key_id']}", "--in", str(msg), "--sig", str(sig), home=home)
+    msg.write_bytes(b"custody transfer #43\n")
+    assert openssl_verify(key_type, pem, msg, sig) != 0
+    fails(
+        "verify",
+        "--pub",
+        str(pem),
+        "--in",
+        str(msg),
+        "--sig",
+        str(sig),
+        home=home,
+        match="signature invalid [CKR_SIGNATURE_INVALID]",
+    )
+
+
+def test_ecdsa_raw_signature(home: Path, tmp_path: Path) -> None:
+    ok("key", "create", "--type", "ecdsa-p384", "--label", "raw-p384", home=home)
+    msg = tmp_path / "m"
+    msg.write_bytes(b"x")
+    ok("sign", "raw-p384", "--raw", "--in", str(msg), "--out", str(tmp_path / "sig"), home=home)
+    assert len((tmp_path / "sig").read_bytes()) == 96
+    ok("verify", "--key", "raw-p384", "--in", str(msg), "--sig", str(tmp_path / "sig"), home=home)
+
+
+def test_mldsa_key_with_context(home: Path, tmp_path: Path) -> None:
+    ok("key", "create", "--type", "ml-dsa-87", "--label", "pq1", home=home)
+    msg, sig, pem = tmp_path / "m", tmp_path / "s", tmp_path / "p.pem"
+    msg.write_bytes(b"post-quantum hello")
+    ok("sign", "pq1", "--context", "tx-v1", "--in", str(msg), "--out", str(sig), home=home)
+    assert len(sig.read_bytes()) == 4627
+    ok("key", "export-public", "pq1", "--out", str(pem), home=home)
+    assert pem.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    ok(
+        "verify",
+        "--pub",
+        str(pem),
+        "--context",
+        "tx-v1",
+        "--in",
+        str(msg),
+        "--sig",
+        str(sig),
+        home=home,
+    )
+    fails(
+        "verify",
+        "--pub",
+        str(pem),
+        "--context",
+        "tx-v2",
+        "--in",
+        str(msg),
+        "--sig",
+        str(sig),
+        home=home,
+        match="signature invalid",
+    )
+    fails(
+        "verify", "--pub", str(pem), "--in", str(msg), "--sig", str(sig), home=home, match="invalid"
+    )
+    fails(
+        "sign",
+        "pq1",
+        "--context",
+        "x" * 256,
+        "--in",
+        str(msg),
+        "--out",
+        str(sig),
+        home=home,
+        match="at most 255",
+    )
+
+
+def test_list_show_and_selectors(home: Path) -> None:
+    ok("key", "create", "--type", "ed25519", "--label", "sel", home=home)
+    listing = json.loads(ok("key", "list", "--json", home=home))
+    me = next(k for k in listing if k["label"] == "sel")
+    for sel in (
+        "sel",
+        f"id:{me['key_id']}",
+        "pkcs11:object=sel;token=pqhsm",
+        f"pkcs11:id=%{'%'.join(me['cka_id'][i : i + 2] for i in range(0, 32, 2))}",
+    ):
+        assert json.loads(ok("key", "show", sel, "--json", home=home))["key_id"] == me["key_id"]
+    table = ok("key", "list", home=home).decode()
+    assert "LABEL" in table
+    assert "sel" in table
+    fails(
+        "key",
+        "show",
+        "pkcs11:object=sel;token=other",
+        home=home,
+        match="not this appliance's token",
+    )
+    fails("key", "show", "nope", home=home, match="no key matches 'nope'")
+    fails("key", "show", "pkcs11:bogus=1", home=home, match="unknown pkcs11 URI attribute")
+
+
+def test_status_table(home: Path) -> None:
+    out = ok("status", home=home).decode()
+    assert "pqc backend cryptography" in out
+    assert "CLASSICAL" in out
+
+
+def test_adopt_a_key_made_by_pkcs11_tool(home: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "SOFTHSM2_CONF": str(home / "softhsm" / "softhsm2.conf")}
+    pin = (home.parent / "secrets" / "token-pin").read_text().strip()
+    module = json.loads(ok("status", "--json", home=home))["token"]["module"]
+    base = ["pkcs11-tool", "--module", module, "--token-label", "pqhsm", "--login", "--pin", pin]
+    for label, key_id, extra in (
+        ("legacy-1", "c0ffee01", ["--sensitive"]),
+        ("leaky-1", "c0ffee02", ["--extractable"]),
+    ):
+        proc = subprocess.run(
+            [
+                *base,
+                "--keypairgen",
+                "--key-type",
+                "EC:prime256v1",
+                "--label",
+                label,
+                "--id",
+                key_id,
+                "--usage-sign",
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+    adopted = json.loads(ok("key", "adopt", "--token-object", "legacy-1", "--json", home=home))
+    assert adopted["origin"] == "adopted"
+    assert adopted["cka_id"] == "c0ffee01"
+    assert adopted["classical_alg"] == "ecdsa-p256"
+    msg, sig, pem = tmp_path / "m", tmp_path / "s", tmp_path / "p.pem"
+    msg.write_bytes(b"legacy")
+    ok("sign", "legacy-1", "--in", str(msg), "--out", str(sig), home=home)
+    ok("key", "export-public", "legacy-1", "--out", str(pem), home=home)
+    assert openssl_verify("ecdsa-p256", pem, msg, sig) == 0
+    fails("key", "adopt", "--token-object", "legacy-1", home=home, match="already managed")
+    fails("key", "adopt", "--token-id", "c0ffee02", home=home, match="extractable")
+    fails("key", "adopt", "--token-object", "absent", home=home, match="no private key")
+    fails("key", "adopt", home=home, match="needs --token-object")
+
+
+def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
+    msg = tmp_path / "m"
+    msg.write_bytes(b"m")
+    pin_bad = tmp_path / "pin"
+    pin_bad.write_text("0000\n")
+    pin_bad.chmod(0o600)
+    fails(
+        "sign",
+        "nope",
+        "--in",
+        str(msg),
+        "--out",
+        str(tmp_path / "s"),
+        home=home,
+        match="no key matches",
+    )
+    fails(
+        "sign",
+        "sel",
+        "--in",
+        str(tmp_path / "absent"),
+        "--out",
+        str(tmp_path / "s"),
+        home=home,
+        match="no such file",
+    )
+    fails(
+        "status", "--pin-file", str(pin_bad), home=home, match="wrong token PIN [CKR_PIN_INCORRECT]"
+    )
+    pin_bad.chmod(0o644)
+    fails("status", "--pin-file", str(pin_bad), home=home, match="chmod 600")
+    fails(
+        "status",
+        home=home,
+        env={"PQHSM_PKCS11_MODULE": str(tmp_path / "missing.so")},
+        match="module not found",
+    )
+    fails(
+        "status", home=home, env={"PQHSM_TOKEN_LABEL": "other"}, match="no token with label 'other'"
+    )
+    fails("status", home=tmp_path / "empty", match="no appliance here")
+    fails("key", "create", "--type", "ed25519", "--label", "sel", home=home, match="already exists")
+    fails("key", "create", "--type", "ed25519", "--label", "", home=home, match="label must be")
+    fails(
+        "verify",
+        "--pub",
+        str(msg),
+        "--in",
+        str(msg),
+        "--sig",
+        str(msg),
+        home=home,
+        match="not a PEM or DER public key",
+    )
+    fails("init", "--embedded-softhsm", home=home, match="already holds an appliance")
+    # nothing was lost: the keys still sign
+    ok("sign", "sel", "--in", str(msg), "--out", str(tmp_path / "s"), home=home)
+
+
+def test_secret_sources(home: Path, tmp_path: Path) -> None:
+    secrets = home.parent / "secrets"
+    pin = (secrets / "token-pin").read_bytes()
+    # a file descriptor (stdin), and the environment (CI path)
+    ok("status", "--pin-fd", "0", home=home, stdin=pin)
+    proc = run_cli("status", home=home, env={"PQHSM_TOKEN_PIN": pin.decode().strip()})
+    assert proc.returncode == 0, proc.stderr
+    fails("status", "--pin-fd", "0", home=home, match="")  # empty stdin: an empty PIN
+
+
+def test_passphrase_change_via_cli(tmp_path: Path) -> None:
+    home = _init(tmp_path)
+    secrets = tmp_path / "secrets"
+    ok("key", "create", "--type", "ml-dsa-87", "--label", "pq", home=home)
+    ok("key", "create", "--type", "ml-dsa-87", "--label", "pq2", home=home)
+    new = tmp_path / "new-pass"
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"a brand new passphrase\n")
+    os.close(fd)
+    out = ok("passphrase", "change", "--new-passphrase-file", str(new), home=home).decode()
+    assert "2 blob(s) re-encrypted" in out
+    msg = tmp_path / "m"
+    msg.write_bytes(b"m")
+    fails(
+        "sign",
+        "pq",
+        "--in",
+        str(msg),
+        "--out",
+        str(tmp_path / "s"),
+        home=home,
+        match="wrong passphrase",
+    )
+    ok(
+        "sign",
+        "pq",
+        "--passphrase-file",
+        str(new),
+        "--in",
+        str(msg),
+        "--out",
+        str(tmp_path / "s"),
+        home=home,
+    )
+    ok(
+        "sign",
+        "pq2",
+        "--passphrase-file",
+        str(new),
+        "--in",
+        str(msg),
+        "--out",
+        str(tmp_path / "s"),
+        home=home,
+    )
+    status = json.loads(ok("status", "--json", home=home))
+    assert status["keystore"]["passphrase_generation"] == 1
+    assert (secrets / "passphrase").exists()
