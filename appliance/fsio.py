@@ -26,6 +26,7 @@ __all__ = [
     "fsync_dir",
     "read_file",
     "remove_stale_temps",
+    "write_synced",
 ]
 
 FILE_MODE = 0o600
@@ -63,6 +64,21 @@ def ensure_private_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
 
+def write_synced(path: Path, data: bytes | bytearray | memoryview, *, point: str) -> None:
+    """Create or truncate ``path`` (0600), write ``data`` and fsync it (no rename)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        fault_point(f"{point}.write")
+        _durable_sync(fd)
+        fault_point(f"{point}.fsync")
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, point: str = "") -> None:
     """Replace ``path`` with ``data`` atomically and durably; the file is 0600.
 
@@ -71,17 +87,7 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, point: str
     """
     tag = point or path.name
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        fault_point(f"{tag}.write")
-        _durable_sync(fd)
-        fault_point(f"{tag}.fsync")
-    finally:
-        os.close(fd)
+    write_synced(tmp, data, point=tag)
     os.replace(tmp, path)
     fault_point(f"{tag}.rename")
     fsync_dir(path.parent)
