@@ -33,7 +33,7 @@ from appliance.errors import (
     NotInitialized,
 )
 from appliance.fsio import FILE_MODE, check_private_file, ensure_private_dir, read_file
-from appliance.keys import KeyInfo, parse_selector, replay
+from appliance.keys import KeyInfo, KeyState, parse_selector, replay
 from appliance.keystore import KDF_NAMES, PBKDF2_SHA3, calibrate
 from appliance.secret import SecretBytes, read_secret_fd
 from appliance.service import Appliance, supported_key_types
@@ -383,6 +383,11 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     )
     counts = ", ".join(f"{k} {v}" for k, v in st.keys_by_state.items())
     print(f"keys        {st.keys_total} total: {counts}")
+    if st.needs_migration:
+        shown = ", ".join(st.needs_migration[:10]) + (" …" if len(st.needs_migration) > 10 else "")
+        print(f"to migrate  {len(st.needs_migration)}: {shown}")
+    for label, why in st.damaged.items():
+        print(f"DAMAGED     {label}: {why}")
     return 0
 
 
@@ -510,6 +515,196 @@ def cmd_passphrase_change(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _parse_state(text: str) -> KeyState:
+    try:
+        return KeyState(text.upper().replace("-", "_"))
+    except ValueError:
+        choices = ", ".join(st.value for st in KeyState)
+        raise CallerError(f"unknown state {text!r} (choose one of: {choices})") from None
+
+
+class _Bar:
+    """A progress bar on a terminal; silent elsewhere (CI logs stay clean)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.tty or total == 0:
+            return
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
+    to = _parse_state(args.to)
+    if args.all == (args.key is not None):
+        raise CallerError("migrate needs exactly one of KEY or --all")
+    needs_passphrase = True  # CLASSICAL -> HYBRID seals a new blob
+    with _open(args, cfg, unlock=needs_passphrase) as app:
+        if args.all:
+            res = app.migrate_all(
+                to,
+                reason=args.reason,
+                actor=args.actor,
+                batch=args.batch,
+                progress=_Bar(f"-> {to.value}"),
+            )
+            out = {
+                "target": to.value,
+                "migrated": len(res.migrated),
+                "skipped": res.skipped,
+                "failed": res.failed,
+                "wal_fsyncs": res.fsyncs,
+            }
+            if args.json:
+                _emit_json(out)
+            else:
+                print(
+                    f"{len(res.migrated)} key(s) -> {to.value} with {res.fsyncs} WAL fsync(s); "
+                    f"{len(res.skipped)} skipped, {len(res.failed)} failed"
+                )
+                for key_id, why in res.failed.items():
+                    print(f"  failed {key_id}: {why}")
+            return 1 if res.failed else 0
+        k = app.migrate(
+            app.find(args.key),
+            to,
+            allow_backward=args.allow_backward,
+            reason=args.reason,
+            actor=args.actor,
+        )
+    if args.json:
+        _emit_json(k.to_json())
+    else:
+        print(f"key {k.label!r} is now {k.state.value}")
+    return 0
+
+
+def cmd_key_history(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.wal import Wal
+
+    key = _offline_find(cfg, args.key)
+    wal = Wal.open(cfg.home / "wal", readonly=True)
+    try:
+        recs = [wal.get(seq) for seq in key.history]
+    finally:
+        wal.close()
+    rows = []
+    for r in recs:
+        f = r.fields
+        what = f"{f.get('from')} -> {f.get('to')}" if r.type == "key.transition" else r.type
+        rows.append(
+            {
+                "seq": r.seq,
+                "ts_ms": r.ts,
+                "event": what,
+                "actor": f.get("actor", ""),
+                "reason": f.get("reason", ""),
+                "record_hash": r.hash.hex(),
+            }
+        )
+    if args.json:
+        _emit_json(rows)
+    else:
+        _table(
+            [
+                [
+                    str(x["seq"]),
+                    _ts(int(x["ts_ms"])),
+                    str(x["event"]),
+                    str(x["actor"]),
+                    str(x["reason"]),
+                ]
+                for x in rows
+            ],
+            ["SEQ", "TIME (UTC)", "EVENT", "ACTOR", "REASON"],
+        )
+    return 0
+
+
+def _ts(ms: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_recover(args: argparse.Namespace, cfg: Config) -> int:
+    with _open(args, cfg, unlock=False) as app:
+        first = app.last_recovery
+        report = app.recover()  # the second pass shows it is idempotent
+    assert first is not None  # noqa: S101 - Appliance.open always recovers
+    if args.json:
+        _emit_json({"recovered": first.to_json(), "second_pass_appended": report.appended})
+    else:
+        if first.clean:
+            print("nothing to recover: every key matches the log")
+        for key_id in first.finished:
+            print(f"finished finalization of {key_id} (classical key erased, PQC_ONLY recorded)")
+        for key_id in first.erased_again:
+            print(f"erased a classical key that reappeared for PQC_ONLY key {key_id}")
+        for key_id, why in first.damaged.items():
+            print(f"DAMAGED {key_id}: {why}")
+        for blob_id in first.removed_orphans:
+            print(f"removed orphan blob {blob_id}")
+    return 2 if first.damaged else 0
+
+
+def cmd_wal_show(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.wal import Wal
+
+    _require_home(cfg)
+    wal = Wal.open(cfg.home / "wal", readonly=True)
+    try:
+        recs = list(wal.records(max(0, len(wal) - args.last) if args.last else 0))
+    finally:
+        wal.close()
+    if args.json:
+        _emit_json(
+            [
+                {
+                    "seq": r.seq,
+                    "ts_ms": r.ts,
+                    "type": r.type,
+                    "hash": r.hash.hex(),
+                    "prev": r.prev.hex(),
+                    "fields": _jsonable(dict(r.fields)),
+                }
+                for r in recs
+            ]
+        )
+        return 0
+    _table(
+        [[str(r.seq), _ts(r.ts), r.type, _summary(r.fields), r.hash.hex()[:16]] for r in recs],
+        ["SEQ", "TIME (UTC)", "TYPE", "SUMMARY", "HASH"],
+    )
+    return 0
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items() if k not in ("seq", "prev", "ts", "type")}
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _summary(f: Any) -> str:
+    if "key_id" in f:
+        move = f" {f.get('from')}->{f.get('to')}" if "from" in f else f" {f.get('state', '')}"
+        return f"{str(f['key_id'])[:12]}{move}"
+    if "gen" in f:
+        return f"passphrase generation {f['gen']}"
+    return ""
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -609,6 +804,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", required=True, help="message file")
     p.add_argument("--sig", required=True, help="signature file")
     p.add_argument("--context", help="ML-DSA context string")
+
+    p = cmd(
+        "migrate", cmd_migrate, "move a key (or all keys) along the migration states", json_=True
+    )
+    p.add_argument("key", nargs="?", help="label, id:HEX, or pkcs11: URI")
+    p.add_argument("--all", action="store_true", help="every key behind --to (forward only)")
+    p.add_argument(
+        "--to", required=True, help="CLASSICAL, HYBRID, PQC_PREFERRED, FINALIZING, PQC_ONLY"
+    )
+    p.add_argument("--reason", help="why (required for backward moves; kept in the log)")
+    p.add_argument("--allow-backward", action="store_true", help="permit HYBRID->CLASSICAL etc.")
+    p.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who (logged)")
+    p.add_argument("--batch", type=int, default=256, help="keys per group commit with --all")
+    _secret_args(p)
+
+    p = cmd("history", cmd_key_history, "every log record of one key", key, json_=True)
+    p.add_argument("key", help="label, id:HEX, or pkcs11: URI")
+
+    p = cmd("recover", cmd_recover, "finish interrupted work and check every key", json_=True)
+    _secret_args(p, passphrase=False)
+
+    wal = sub.add_parser("wal", help="the write-ahead log").add_subparsers(
+        dest="wal_command", required=True, metavar="ACTION"
+    )
+    p = cmd("show", cmd_wal_show, "list log records", wal, json_=True)
+    p.add_argument("--last", type=int, default=0, help="only the last N records")
 
     pp = sub.add_parser("passphrase", help="keystore passphrase").add_subparsers(
         dest="pp_command", required=True, metavar="ACTION"

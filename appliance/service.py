@@ -67,6 +67,8 @@ class Status:
     wal: dict[str, Any]
     keys_by_state: dict[str, int]
     keys_total: int
+    needs_migration: list[str]
+    damaged: dict[str, str]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,8 @@ class Status:
             "wal": self.wal,
             "keys_by_state": self.keys_by_state,
             "keys_total": self.keys_total,
+            "needs_migration": self.needs_migration,
+            "damaged": self.damaged,
         }
 
 
@@ -362,8 +366,13 @@ class Appliance:
     @staticmethod
     def public_key_pem_of(key: KeyInfo, *, part: str | None = None) -> bytes:
         """SPKI PEM of the key's classical part or, for PQC keys, its ML-DSA-87 part."""
-        if part is None:
-            part = "classical" if key.classical_spki is not None else "ml-dsa"
+        if part is None:  # the part the key signs with by default in its state
+            classical_live = key.kind is KeyKind.CLASSICAL and key.state in (
+                KeyState.CLASSICAL,
+                KeyState.HYBRID,
+                KeyState.PQC_PREFERRED,
+            )
+            part = "classical" if classical_live else "ml-dsa"
         if part == "classical":
             if key.classical_spki is None:
                 raise StateError(f"key {key.label!r} has no classical public key")
@@ -485,6 +494,12 @@ class Appliance:
                 wal={"records": len(self.wal), "head_seq": seq, "head_hash": head.hex()},
                 keys_by_state=counts,
                 keys_total=len(self._keys),
+                needs_migration=sorted(
+                    k.label
+                    for k in self._keys.values()
+                    if k.kind is KeyKind.CLASSICAL and k.state is not KeyState.PQC_ONLY
+                ),
+                damaged={self._keys[i].label: why for i, why in self.damaged.items()},
             )
 
 

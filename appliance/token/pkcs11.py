@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 from appliance import errors
 from appliance.algorithms import Algorithm, alg_from_ec_params, der_oid, ec_point_to_spki
+from appliance.fsio import fault_point
 from appliance.secret import BytesLike, SecretBytes
 from appliance.token import FoundKey, TokenConfig, TokenInfo
 
@@ -215,6 +216,7 @@ class Pkcs11Token:
                     Attribute.DERIVE: False,
                 },
             )
+            fault_point("token.generate.after")
             if isinstance(priv, SignMixin):
                 self._keys[cka_id] = priv
             return ec_point_to_spki(alg, bytes(pub[Attribute.EC_POINT]))
@@ -346,7 +348,6 @@ class Pkcs11Token:
 
         :raises TokenError: a private key with that id is still visible afterwards.
         """
-        from appliance.fsio import fault_point
 
         def run() -> int:
             self._keys.pop(cka_id, None)

@@ -339,24 +339,40 @@ def _check_top(b: bytes) -> tuple[int, bytes]:
             raise _Reject("map keys out of canonical order")
         last = key
         if code:
+            ib = b[pos]
             if code == _SEQ:
-                seq, pos = _uint_at(b, pos)
-                if seq < 0:
-                    raise _Reject("body without a valid seq")
+                if ib < 0x18:  # the first 24 records
+                    seq = ib
+                    pos += 1
+                else:
+                    seq, pos = _uint_at(b, pos)
+                    if seq < 0:
+                        raise _Reject("body without a valid seq")
             elif code == _TS:
-                ts, pos = _uint_at(b, pos)
-                if ts < 0:
-                    raise _Reject("body without a valid ts")
+                if ib == 0x1B and b[pos + 1 : pos + 5] != b"\0\0\0\0":  # any date after 1970-02
+                    ts = _U64(b, pos + 1)[0]
+                    pos += 9
+                else:
+                    ts, pos = _uint_at(b, pos)
+                    if ts < 0:
+                        raise _Reject("body without a valid ts")
             elif code == _PREV:
                 if not b.startswith(_PREV_HEAD, pos):
                     raise _Reject("body without a valid prev")
                 prev = b[pos + 2 : pos + 2 + HASH_SIZE]
                 pos += 2 + HASH_SIZE
             else:
-                if not 0x61 <= b[pos] < 0x7C:  # non-empty text
+                if 0x61 <= ib < 0x78:  # non-empty short text
+                    end = pos + ib - 0x5F
+                    if end > size:
+                        raise IndexError
+                    b[pos + 1 : end].decode("utf-8")
+                    pos = end
+                elif 0x78 <= ib < 0x7C:
+                    pos = _item(b, pos, 1)
+                else:
                     raise _Reject("body without a valid type")
                 has_type = True
-                pos = _item(b, pos, 1)
             continue
         ib = b[pos]
         if 0x60 <= ib < 0x78:  # short text
@@ -485,11 +501,11 @@ def encode_record(
         raise CallerError("WAL record type must be a non-empty str")
     if type(ts) is not int or not 0 <= ts < _U64_LIMIT:
         raise CallerError("WAL clock must return a non-negative int (milliseconds)")
-    if not isinstance(fields, Mapping):
+    if type(fields) is not dict and not isinstance(fields, Mapping):
         raise CallerError("WAL record fields must be a mapping")
-    clash = RESERVED.intersection(fields)
-    if clash:
-        raise CallerError(f"WAL record fields may not set {', '.join(sorted(clash))}")
+    if "seq" in fields or "prev" in fields or "ts" in fields or "type" in fields:
+        clash = ", ".join(sorted(RESERVED.intersection(fields)))
+        raise CallerError(f"WAL record fields may not set {clash}")
     if len(fields) > _MAX_FIELDS:
         raise CallerError(f"WAL record fields: more than {_MAX_FIELDS} fields")
     body_map: dict[str, Any] = {}

@@ -397,8 +397,8 @@ class Wal:
             except BaseException:
                 os.close(fd)
                 raise
-            if scan.torn:
-                _log.warning(
+            if scan.torn:  # a crashed writer, or one writing right now: not ours to repair
+                _log.info(
                     "%s: incomplete last frame at offset %d (%d bytes: %s), left in place "
                     "(read-only)",
                     path,
@@ -455,12 +455,18 @@ class Wal:
         return self._path
 
     @property
+    def directory(self) -> Path:
+        """The WAL directory (``wal.log``, ``lock``, ``wal.log.torn*``)."""
+        return self._directory
+
+    @property
     def head(self) -> tuple[int, bytes]:
         """``(seq, hash)`` of the last record (committed or not); ``(-1, 32 zero bytes)``
         for an empty log."""
         return self._seq, self._hash
 
     def __len__(self) -> int:
+        """Number of records (committed or not); the next ``seq``."""
         return len(self._offsets)
 
     @property

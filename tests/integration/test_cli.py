@@ -387,3 +387,45 @@ def test_passphrase_change_via_cli(tmp_path: Path) -> None:
     status = json.loads(ok("status", "--json", home=home))
     assert status["keystore"]["passphrase_generation"] == 1
     assert (secrets / "passphrase").exists()
+
+
+def test_migrate_history_recover_and_wal_show(tmp_path: Path) -> None:
+    home = _init(tmp_path)
+    ok("key", "create", "--type", "ed25519", "--label", "mig", home=home)
+    ok("key", "create", "--type", "ecdsa-p256", "--label", "mig2", home=home)
+    out = ok("migrate", "mig", "--to", "hybrid", home=home).decode()
+    assert "is now HYBRID" in out
+    fails("migrate", "mig", "--to", "CLASSICAL", home=home, match="needs --allow-backward")
+    fails("migrate", "mig", "--to", "SIDEWAYS", home=home, match="unknown state 'SIDEWAYS'")
+    fails("migrate", "--to", "HYBRID", home=home, match="exactly one of KEY or --all")
+    ok("migrate", "mig", "--to", "CLASSICAL", "--allow-backward", "--reason", "drill", home=home)
+    bulk = json.loads(ok("migrate", "--all", "--to", "PQC_ONLY", "--json", home=home))
+    assert bulk["migrated"] == 2
+    assert bulk["failed"] == {}
+    assert bulk["wal_fsyncs"] == 3  # one group commit per edge
+    hist = json.loads(ok("key", "history", "mig", "--json", home=home))
+    assert [h["event"] for h in hist] == [
+        "key.create",
+        "CLASSICAL -> HYBRID",
+        "HYBRID -> CLASSICAL",
+        "CLASSICAL -> HYBRID",
+        "HYBRID -> FINALIZING",
+        "FINALIZING -> PQC_ONLY",
+    ]
+    assert hist[2]["reason"] == "drill"
+    rec = json.loads(ok("recover", "--json", home=home))
+    assert rec["recovered"]["damaged"] == {}
+    assert rec["second_pass_appended"] == 0
+    records = json.loads(ok("wal", "show", "--json", home=home))
+    assert records[0]["type"] == "appliance.init"
+    assert all(records[i]["prev"] == records[i - 1]["hash"] for i in range(1, len(records)))
+    table = ok("wal", "show", "--last", "2", home=home).decode()
+    assert table.count("key.transition") == 2
+    status = json.loads(ok("status", "--json", home=home))
+    assert status["keys_by_state"]["PQC_ONLY"] == 2
+    assert status["needs_migration"] == []
+    msg, sig = tmp_path / "m", tmp_path / "s"
+    msg.write_bytes(b"after migration")
+    ok("sign", "mig", "--in", str(msg), "--out", str(sig), home=home)
+    ok("verify", "--key", "mig", "--in", str(msg), "--sig", str(sig), home=home)
+    assert len(sig.read_bytes()) == 4627

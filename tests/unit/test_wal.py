@@ -708,7 +708,7 @@ def accepted(body: bytes) -> bool:
     return True
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(field_dicts, st.data())
 def test_the_validator_agrees_with_cbor2_on_mutated_bodies(
     fields: dict[str, Any], data: st.DataObject
