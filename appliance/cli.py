@@ -555,6 +555,7 @@ def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
                 batch=args.batch,
                 progress=_Bar(f"-> {to.value}"),
             )
+            app.checkpoint()  # sign the new head and raise the token's anti-rollback counter
             out = {
                 "target": to.value,
                 "migrated": len(res.migrated),
@@ -579,6 +580,7 @@ def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
             reason=args.reason,
             actor=args.actor,
         )
+        app.checkpoint()
     if args.json:
         _emit_json(k.to_json())
     else:
@@ -686,6 +688,45 @@ def cmd_wal_show(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.audit import verify_audit
+
+    _require_home(cfg)
+    report = verify_audit(cfg.home / "wal", anchor=args.anchor)
+    if args.json:
+        _emit_json(report.to_json())
+        return 0
+    print(
+        f"WAL OK: {report.records} record(s), hash chain intact, head seq {report.head_seq} "
+        f"{report.head_hash[:16]}…"
+    )
+    first = report.audit_keys[0][:16] if report.audit_keys else "-"
+    print(f"audit keys: {len(report.audit_keys)} (first {first}…)")
+    print(
+        f"checkpoints: {report.checkpoints} verified (Ed25519 + ML-DSA-87), last at seq "
+        f"{report.last_checkpoint_seq}; {report.unsigned_tail} record(s) after it"
+    )
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace, cfg: Config) -> int:
+    with _open(args, cfg, unlock=True) as app:
+        rec = app.checkpoint()
+    print(
+        f"checkpoint at seq {rec.seq} signs head seq {rec.fields['head_seq']}; "
+        "token anti-rollback counter raised"
+    )
+    return 0
+
+
+def cmd_audit_rotate(args: argparse.Namespace, cfg: Config) -> int:
+    with _open(args, cfg, unlock=True) as app:
+        n = app.rotate_audit_key()
+        app.checkpoint()
+    print(f"audit key {n} is now current (signed by key {n - 1}); checkpoint written")
+    return 0
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.hex()
@@ -702,6 +743,10 @@ def _summary(f: Any) -> str:
         return f"{str(f['key_id'])[:12]}{move}"
     if "gen" in f:
         return f"passphrase generation {f['gen']}"
+    if "head_seq" in f:
+        return f"signs head seq {f['head_seq']} (audit key {f.get('key')})"
+    if "ed25519_spki" in f:
+        return f"audit key {f.get('n')}"
     return ""
 
 
@@ -830,6 +875,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = cmd("show", cmd_wal_show, "list log records", wal, json_=True)
     p.add_argument("--last", type=int, default=0, help="only the last N records")
+
+    audit = sub.add_parser("audit", help="tamper-evident audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    p = cmd(
+        "verify",
+        cmd_audit_verify,
+        "verify the hash chain and every signed checkpoint",
+        audit,
+        json_=True,
+    )
+    p.add_argument("--anchor", help="pinned fingerprint of the first audit key (hex)")
+    p = cmd("checkpoint", cmd_audit_checkpoint, "sign the WAL head now", audit)
+    _secret_args(p)
+    p = cmd("rotate", cmd_audit_rotate, "make a new audit key signed by the current one", audit)
+    _secret_args(p)
 
     pp = sub.add_parser("passphrase", help="keystore passphrase").add_subparsers(
         dest="pp_command", required=True, metavar="ACTION"

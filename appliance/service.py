@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from appliance.algorithms import ClassicalAlg, parse_alg
+from appliance.audit import check_anti_rollback, checkpoint, ensure_audit_key, rotate_audit_key
 from appliance.config import Config, write_config
 from appliance.errors import (
     CallerError,
@@ -37,7 +38,7 @@ from appliance.pqc import PqcBackend, active_backend, backend_info
 from appliance.secret import BytesLike, SecretBytes
 from appliance.token import TokenBackend
 from appliance.token.pkcs11 import Pkcs11Token
-from appliance.wal import Wal
+from appliance.wal import Wal, WalRecord
 
 __all__ = ["Appliance", "Status"]
 
@@ -135,10 +136,12 @@ class Appliance:
                     "version": 1,
                 },
             )
+            app = cls(cfg, token, keystore, wal, pqc)
+            ensure_audit_key(app)
         except BaseException:
             token.close()
             raise
-        return cls(cfg, token, keystore, wal, pqc)
+        return app
 
     @classmethod
     def open(cls, cfg: Config, *, pin: SecretBytes, passphrase: SecretBytes | None) -> Appliance:
@@ -152,6 +155,7 @@ class Appliance:
             wal = Wal.open(cfg.home / "wal")
             pqc = active_backend()
             app = cls(cfg, token, Keystore(cfg.home, token, pqc), wal, pqc)
+            check_anti_rollback(app)
             app._recover_passphrase_change()
             app.recover()
             if passphrase is not None:
@@ -225,6 +229,18 @@ class Appliance:
             self.damaged = dict(report.damaged)
             self.last_recovery = report
             return report
+
+    # -- audit -----------------------------------------------------------------------------------
+
+    def checkpoint(self) -> WalRecord:
+        """Sign the WAL head with the audit key and raise the token's anti-rollback counter."""
+        with self._lock:
+            return checkpoint(self)
+
+    def rotate_audit_key(self) -> int:
+        """Make the next audit key, signed by the current one; returns its number."""
+        with self._lock:
+            return rotate_audit_key(self).n
 
     # -- migration -------------------------------------------------------------------------------
 

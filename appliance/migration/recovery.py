@@ -116,6 +116,21 @@ def recover(app: Appliance) -> RecoveryReport:
         if why is not None:
             report.damaged[key.key_id] = why
             log.error("key %s (%s) is DAMAGED: %s", key.key_id, key.label, why)
+    # the audit key's halves are promised by the log as well
+    from appliance.audit import audit_keys
+
+    for ak in audit_keys(app.wal.records()):
+        blob_id = f"audit-{ak.n}"
+        named.add(blob_id)
+        path = app.keystore.blob_path(blob_id)
+        if not path.exists() or not ct_equal(
+            hashlib.sha3_256(path.read_bytes()).digest(), ak.blob_sha3
+        ):
+            report.damaged[blob_id] = (
+                "the audit key's ML-DSA blob is missing or does not match the log"
+            )
+        elif not token.has_private_key(ak.cka_id):
+            report.damaged[blob_id] = "the token no longer holds the audit key's Ed25519 half"
     # (4) blobs nobody names
     for blob_id in app.keystore.blob_ids():
         if blob_id not in named:
