@@ -515,7 +515,10 @@ class Appliance:
                     for k in self._keys.values()
                     if k.kind is KeyKind.CLASSICAL and k.state is not KeyState.PQC_ONLY
                 ),
-                damaged={self._keys[i].label: why for i, why in self.damaged.items()},
+                damaged={
+                    (self._keys[i].label if i in self._keys else i): why
+                    for i, why in self.damaged.items()
+                },
             )
 
 

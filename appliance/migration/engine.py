@@ -142,7 +142,7 @@ class MigrationEngine:
         *,
         reason: str | None,
         actor: str,
-        blob: tuple[bytes, bytes] | None = None,
+        blob: object = None,
     ) -> None:
         """Run one edge's side effects and append its record (the caller commits)."""
         live = self._app.key(key.key_id)
@@ -178,17 +178,17 @@ class MigrationEngine:
         self._app.append_record("key.transition", fields)
 
     def _classical_to_hybrid(
-        self, key: KeyInfo, *, reason: str | None, actor: str, blob: tuple[bytes, bytes] | None
+        self, key: KeyInfo, *, reason: str | None, actor: str, blob: object = None
     ) -> None:
         ks = self._app.keystore
         # (1) generate ML-DSA-87 and seal its blob; (2) write the blob atomically
         #     (bulk callers pass a blob they already wrote)
-        if blob is None:
+        if isinstance(blob, tuple):
+            public, digest = blob
+        else:
             if ks.blob_path(key.key_id).exists():  # an orphan the WAL never named
                 ks.remove_blob(key.key_id)
             public, digest = ks.new_mldsa(key.key_id)
-        else:
-            public, digest = blob
         # (3) append the record naming the PQC public key and the blob digest; (4) the
         #     caller's commit fsyncs it
         self._append(
@@ -236,11 +236,15 @@ class MigrationEngine:
     ) -> None:
         if key.cka_id is None:
             raise StateError(f"key {key.label!r} has no token key id recorded")
-        # (1) C_DestroyObject every private key with this CKA_ID;
-        # (2) confirm absence with a search in a fresh session (inside destroy_private_key,
-        #     which raises if anything is still there);
-        # (3) handles are dropped by the token backend; no host copy ever existed (I2)
-        erased = self._app.token.destroy_private_key(key.cka_id)
+        if isinstance(blob, int):
+            # bulk: steps (1)-(3) already ran for the whole batch, confirmed by one listing
+            erased = blob
+        else:
+            # (1) C_DestroyObject every private key with this CKA_ID;
+            # (2) confirm absence with a search in a fresh session (inside
+            #     destroy_private_key, which raises if anything is still there);
+            # (3) handles are dropped by the token backend; no host copy ever existed (I2)
+            erased = self._app.token.destroy_private_key(key.cka_id)
         fault_point("migration.erased")
         # (4) only now append the PQC_ONLY record; (5) the caller's commit fsyncs it
         self._append(
@@ -342,11 +346,15 @@ class MigrationEngine:
             hybrid = [cur for cur, frm, _ in stepping if frm is KeyState.CLASSICAL]
             if hybrid:
                 blobs = self._app.keystore.new_mldsa_many([k.key_id for k in hybrid])
+            # erase every finalizing key of the batch first; one fresh listing confirms all
+            finals = [c.cka_id for c, f, _ in stepping if f is KeyState.FINALIZING and c.cka_id]
+            erased = self._app.token.destroy_private_keys(finals) if finals else {}
             for cur, frm, nxt in stepping:
+                prepared: object = blobs.get(cur.key_id)
+                if frm is KeyState.FINALIZING and cur.cka_id in erased:
+                    prepared = erased[cur.cka_id]
                 try:
-                    self._edge(
-                        cur, frm, nxt, reason=reason, actor=actor, blob=blobs.get(cur.key_id)
-                    )
+                    self._edge(cur, frm, nxt, reason=reason, actor=actor, blob=prepared)
                     moving.append(cur)
                 except (StateError, PolicyDenied, KeyExists, CallerError) as exc:
                     result.failed[cur.key_id] = str(exc)

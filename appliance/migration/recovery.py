@@ -65,36 +65,34 @@ def recover(app: Appliance) -> RecoveryReport:
     report = RecoveryReport()
     before = len(app.wal)
     token = app.token
-    # (1) finish FINALIZING keys: erasure first, then the record
-    for key in app.keys():
-        if key.state is not KeyState.FINALIZING or key.cka_id is None:
-            continue
-        erased = token.destroy_private_key(key.cka_id)
+    # (1) finish FINALIZING keys: erase them all (confirmed by one fresh listing), then
+    #     append their records
+    finishing = [k for k in app.keys() if k.state is KeyState.FINALIZING and k.cka_id is not None]
+    if finishing:
+        erased = token.destroy_private_keys([k.cka_id for k in finishing if k.cka_id is not None])
         fault_point("recovery.erased")
-        app.append_record(
-            "key.transition",
-            {
-                "key_id": key.key_id,
-                "from": KeyState.FINALIZING.value,
-                "to": KeyState.PQC_ONLY.value,
-                "alg": key.classical_alg,
-                "actor": "recovery",
-                "erased_objects": erased,
-                "reason": "finished by recovery after an interrupted finalization",
-            },
-        )
-        report.finished.append(key.key_id)
-    if report.finished:
+        for key in finishing:
+            app.append_record(
+                "key.transition",
+                {
+                    "key_id": key.key_id,
+                    "from": KeyState.FINALIZING.value,
+                    "to": KeyState.PQC_ONLY.value,
+                    "alg": key.classical_alg,
+                    "actor": "recovery",
+                    "erased_objects": erased.get(key.cka_id or b"", 0),
+                    "reason": "finished by recovery after an interrupted finalization",
+                },
+            )
+            report.finished.append(key.key_id)
         app.wal.commit()
         log.warning("recovery finished %d interrupted finalization(s)", len(report.finished))
+    present = token.private_key_ids()  # one listing serves every check below
     # (2) I1 must hold for every PQC_ONLY key
-    for key in app.keys():
-        if (
-            key.state is KeyState.PQC_ONLY
-            and key.cka_id is not None
-            and token.has_private_key(key.cka_id)
-        ):
-            token.destroy_private_key(key.cka_id)
+    back = [k for k in app.keys() if k.state is KeyState.PQC_ONLY and k.cka_id in present]
+    if back:
+        token.destroy_private_keys([k.cka_id for k in back if k.cka_id is not None])
+        for key in back:
             report.erased_again.append(key.key_id)
             log.warning(
                 "key %s is PQC_ONLY but its classical private key was back; erased it", key.key_id
@@ -103,16 +101,11 @@ def recover(app: Appliance) -> RecoveryReport:
     named: set[str] = set()
     for key in app.keys():
         why = None
-        if key.kind is KeyKind.CLASSICAL and key.state in _USES_TOKEN:
-            if key.cka_id is None or not token.has_private_key(key.cka_id):
-                why = "the token no longer holds its classical private key"
+        if key.kind is KeyKind.CLASSICAL and key.state in _USES_TOKEN and key.cka_id not in present:
+            why = "the token no longer holds its classical private key"
         if key.blob_sha3 is not None and (key.state in _USES_BLOB or key.kind is KeyKind.MLDSA):
             named.add(key.key_id)
-            path = app.keystore.blob_path(key.key_id)
-            if not path.exists():
-                why = "its blob is missing"
-            elif not ct_equal(hashlib.sha3_256(path.read_bytes()).digest(), key.blob_sha3):
-                why = "its blob does not match the digest in the log"
+            why = _blob_problem(app, key.key_id, key.blob_sha3) or why
         if why is not None:
             report.damaged[key.key_id] = why
             log.error("key %s (%s) is DAMAGED: %s", key.key_id, key.label, why)
@@ -122,15 +115,11 @@ def recover(app: Appliance) -> RecoveryReport:
     for ak in audit_keys(app.wal.records()):
         blob_id = f"audit-{ak.n}"
         named.add(blob_id)
-        path = app.keystore.blob_path(blob_id)
-        if not path.exists() or not ct_equal(
-            hashlib.sha3_256(path.read_bytes()).digest(), ak.blob_sha3
-        ):
-            report.damaged[blob_id] = (
-                "the audit key's ML-DSA blob is missing or does not match the log"
-            )
-        elif not token.has_private_key(ak.cka_id):
-            report.damaged[blob_id] = "the token no longer holds the audit key's Ed25519 half"
+        problem = _blob_problem(app, blob_id, ak.blob_sha3)
+        if problem is None and ak.cka_id not in present:
+            problem = "the token no longer holds the audit key's Ed25519 half"
+        if problem is not None:
+            report.damaged[blob_id] = problem
     # (4) blobs nobody names
     for blob_id in app.keystore.blob_ids():
         if blob_id not in named:
@@ -139,3 +128,12 @@ def recover(app: Appliance) -> RecoveryReport:
             log.warning("removed blob %s, which no log record names", blob_id)
     report.appended = len(app.wal) - before
     return report
+
+
+def _blob_problem(app: Appliance, blob_id: str, digest: bytes) -> str | None:
+    path = app.keystore.blob_path(blob_id)
+    if not path.exists():
+        return "its blob is missing"
+    if not ct_equal(hashlib.sha3_256(path.read_bytes()).digest(), digest):
+        return "its blob does not match the digest in the log"
+    return None

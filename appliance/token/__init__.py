@@ -74,6 +74,14 @@ class TokenBackend(Protocol):
         self, alg: Algorithm, cka_id: bytes, message: BytesLike, *, raw: bool = False
     ) -> bytes: ...
 
+    def private_key_ids(self) -> set[bytes]:
+        """``CKA_ID`` of every private key, from one search in a fresh session."""
+        ...
+
+    def destroy_private_keys(self, cka_ids: list[bytes]) -> dict[bytes, int]:
+        """Destroy many keys, then confirm their absence with one fresh listing."""
+        ...
+
     def destroy_private_key(self, cka_id: bytes) -> int:
         """Destroy every private key with ``cka_id``, confirm absence; return how many."""
         ...

@@ -343,6 +343,49 @@ class Pkcs11Token:
 
         return self._locked(f"search key {cka_id.hex()}", run)
 
+    def private_key_ids(self) -> set[bytes]:
+        """``CKA_ID`` of every private key, listed from a fresh session in one search.
+
+        One listing is O(objects); a search per key would be O(objects) each (SoftHSM2's
+        file store checks every object on every search).
+        """
+
+        def run() -> set[bytes]:
+            with self._token.open(rw=False) as fresh:
+                return {
+                    bytes(o[Attribute.ID])
+                    for o in fresh.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+                }
+
+        return self._locked("list private keys", run)
+
+    def destroy_private_keys(self, cka_ids: list[bytes]) -> dict[bytes, int]:
+        """Destroy every private key with any of ``cka_ids``; confirm with one fresh listing.
+
+        :raises TokenError: any of them is still visible afterwards.
+        """
+        wanted = set(cka_ids)
+
+        def run() -> dict[bytes, int]:
+            counts = dict.fromkeys(cka_ids, 0)
+            for obj in list(self._s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
+                oid = bytes(obj[Attribute.ID])
+                if oid in wanted:
+                    self._keys.pop(oid, None)
+                    fault_point("token.destroy.before")
+                    obj.destroy()
+                    fault_point("token.destroy.after")
+                    counts[oid] += 1
+            return counts
+
+        counts = self._locked(f"destroy {len(wanted)} keys", run)
+        left = wanted & self.private_key_ids()
+        if left:
+            raise errors.TokenError(
+                f"{len(left)} private key(s) still present after C_DestroyObject"
+            )
+        return counts
+
     def destroy_private_key(self, cka_id: bytes) -> int:
         """``C_DestroyObject`` every private key with ``cka_id``; confirm from a fresh session.
 
