@@ -430,3 +430,29 @@ def test_migrate_history_recover_and_wal_show(tmp_path: Path) -> None:
     ok("sign", "mig", "--in", str(msg), "--out", str(sig), home=home)
     ok("verify", "--key", "mig", "--in", str(msg), "--sig", str(sig), home=home)
     assert len(sig.read_bytes()) == 4627
+
+
+def test_audit_verify_and_a_damaged_wal(tmp_path: Path) -> None:
+    home = _init(tmp_path)
+    ok("key", "create", "--type", "ed25519", "--label", "w1", home=home)
+    ok("audit", "checkpoint", home=home)
+    report = json.loads(ok("audit", "verify", "--json", home=home))
+    assert report["checkpoints"] == 1
+    assert report["unsigned_tail"] == 0
+    ok("audit", "verify", "--anchor", report["audit_keys"][0], home=home)
+    fails("audit", "verify", "--anchor", "ab" * 32, home=home, match="pinned anchor")
+    out = ok("audit", "rotate", home=home).decode()
+    assert "audit key 2 is now current" in out
+    assert len(json.loads(ok("audit", "verify", "--json", home=home))["audit_keys"]) == 2
+    # flip a byte inside the first frame's body: refused at start, offset named, file untouched
+    wal = home / "wal" / "wal.log"
+    pristine = wal.read_bytes()
+    damaged = bytearray(pristine)
+    damaged[20] ^= 0xFF
+    wal.write_bytes(bytes(damaged))
+    fails("status", home=home, match="at offset 0")
+    fails("audit", "verify", home=home, match="at offset 0")
+    fails("key", "list", home=home, match="at offset 0")
+    assert wal.read_bytes() == bytes(damaged)
+    wal.write_bytes(pristine)
+    ok("status", home=home)
