@@ -60,12 +60,18 @@ SCENARIOS = [
             ("migrate", "c1", "--to", "HYBRID"),
         ),
     ),
-    Scenario("adopt", "from appliance.algorithms import parse_alg\n"
-             "app.token.generate_keypair(parse_alg('ed25519'), b'\\xad\\x01', 'ext')\n"
-             "app.adopt_key(label='ext')"),
+    Scenario(
+        "adopt",
+        "from appliance.algorithms import parse_alg\n"
+        "app.token.generate_keypair(parse_alg('ed25519'), b'\\xad\\x01', 'ext')\n"
+        "app.adopt_key(label='ext')",
+    ),
     Scenario("checkpoint", "app.checkpoint()", setup=((*C, "ed25519", "--label", "c1"),)),
-    Scenario("audit-rotate", "app.rotate_audit_key(); app.checkpoint()",
-             setup=((*C, "ed25519", "--label", "c1"), ("audit", "checkpoint"))),
+    Scenario(
+        "audit-rotate",
+        "app.rotate_audit_key(); app.checkpoint()",
+        setup=((*C, "ed25519", "--label", "c1"), ("audit", "checkpoint")),
+    ),
     # recovery itself: two keys left in FINALIZING by hand, then crash while opening
     Scenario(
         "recovery",
