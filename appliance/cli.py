@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.algorithms import ClassicalAlg
 from appliance.config import Config, load_config, resolve_home, write_config
 from appliance.errors import (
     ApplianceError,
@@ -399,7 +400,8 @@ def _key_row(k: KeyInfo) -> list[str]:
 
 
 def cmd_key_create(args: argparse.Namespace, cfg: Config) -> int:
-    with _open(args, cfg, unlock=args.type == "ml-dsa-87") as app:
+    classical_only = args.type in {a.value for a in ClassicalAlg}
+    with _open(args, cfg, unlock=not classical_only) as app:
         k = app.create_key(args.type, args.label)
     if args.json:
         _emit_json(k.to_json())
@@ -458,8 +460,16 @@ def cmd_sign(args: argparse.Namespace, cfg: Config) -> int:
     message = _read_input(args.input)
     context = args.context.encode() if args.context else b""
     key = _offline_find(cfg, args.key)
-    with _open(args, cfg, unlock=key.pqc_public is not None) as app:
-        sig = app.sign(app.find(args.key), message, raw=args.raw, context=context)
+    uses_pqc = key.pqc_public is not None and args.kind != "classical"
+    with _open(args, cfg, unlock=uses_pqc) as app:
+        sig = app.sign(
+            app.find(args.key),
+            message,
+            kind=args.kind,
+            raw=args.raw,
+            context=context,
+            deterministic=args.deterministic,
+        )
     _write_output(args.out, sig)
     if args.out != "-":
         print(
@@ -471,18 +481,21 @@ def cmd_sign(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
-    from appliance.signing import load_public_key, verify_signature
+    from appliance.signing.policy import Policy, load_public_keys, verify
 
-    if (args.pub is None) == (args.key is None):
-        raise CallerError("verify needs exactly one of --pub PEM or --key KEY")
-    if args.pub is not None:
-        pub = load_public_key(_read_input(args.pub))
+    if bool(args.pub) == (args.key is not None):
+        raise CallerError("verify needs --pub PEM (one or more) or --key KEY, not both")
+    policy = Policy.parse(args.policy)
+    if args.pub:
+        keys = load_public_keys(*(_read_input(p) for p in args.pub))
     else:
-        pub = load_public_key(Appliance.public_key_pem_of(_offline_find(cfg, args.key), part=None))
+        keys = load_public_keys(Appliance.public_key_pem_of(_offline_find(cfg, args.key)))
     message = _read_input(args.input)
     sig = _read_input(args.sig)
-    verify_signature(pub, message, sig, context=args.context.encode() if args.context else b"")
-    print("signature OK")
+    verify(
+        keys, message, sig, policy=policy, context=args.context.encode() if args.context else b""
+    )
+    print(f"signature OK (policy {policy.value})")
     return 0
 
 
@@ -832,19 +845,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="label, id:HEX, or pkcs11: URI")
     p = cmd("export-public", cmd_key_export, "write a public key as SPKI PEM", key)
     p.add_argument("key", help="label, id:HEX, or pkcs11: URI")
-    p.add_argument("--part", choices=["classical", "ml-dsa"], help="which half of a hybrid key")
+    p.add_argument(
+        "--part",
+        choices=["classical", "ml-dsa", "all"],
+        help="default all live parts, classical first",
+    )
     p.add_argument("--out", default="-", help="output file (default stdout)")
 
     p = cmd("sign", cmd_sign, "sign a file with a key")
     p.add_argument("key", help="label, id:HEX, or pkcs11: URI")
     p.add_argument("--in", dest="input", required=True, help="message file (- for stdin)")
     p.add_argument("--out", required=True, help="signature file (- for stdout)")
+    p.add_argument(
+        "--kind",
+        choices=["classical", "ml-dsa", "dual", "composite"],
+        help="default: what the key's state signs with (dual in HYBRID/PQC_PREFERRED)",
+    )
     p.add_argument("--raw", action="store_true", help="ECDSA: raw r||s instead of DER")
     p.add_argument("--context", help="ML-DSA context string (at most 255 bytes)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="ask for deterministic ML-DSA (refused: the backend signs hedged only)",
+    )
     _secret_args(p)
 
     p = cmd("verify", cmd_verify, "verify a signature from public keys alone (no token)")
-    p.add_argument("--pub", help="public key file (PEM or DER SPKI)")
+    p.add_argument(
+        "--pub",
+        action="append",
+        default=[],
+        help="public key file (PEM or DER SPKI); repeat for the parts of a dual key",
+    )
+    p.add_argument("--policy", default="strict", help="legacy, pqc or strict (default strict)")
     p.add_argument("--key", help="a key of this appliance, by label, id:HEX or pkcs11: URI")
     p.add_argument("--in", dest="input", required=True, help="message file")
     p.add_argument("--sig", required=True, help="signature file")

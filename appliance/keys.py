@@ -67,6 +67,7 @@ def is_backward(frm: KeyState, to: KeyState) -> bool:
 class KeyKind(Enum):
     CLASSICAL = "classical"  # born classical; migrates CLASSICAL -> ... -> PQC_ONLY
     MLDSA = "ml-dsa-87"  # born post-quantum, PQC_ONLY from the start
+    COMPOSITE = "composite"  # IETF composite key, HYBRID for life: fresh parts, never migrates
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class KeyInfo:
     origin: str
     created: int
     history: tuple[int, ...] = field(default=())
+    composite_alg: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ class KeyInfo:
             "pqc_alg": "ml-dsa-87" if self.pqc_public is not None else None,
             "cka_id": self.cka_id.hex() if self.cka_id is not None else None,
             "origin": self.origin,
+            "composite_alg": self.composite_alg,
             "created_ms": self.created,
             "wal_records": list(self.history),
         }
@@ -125,6 +128,7 @@ def apply_record(keys: MutableMapping[str, KeyInfo], rtype: str, fields: Any, se
             origin=_need(fields, "origin", str),
             created=_need(fields, "ts", int),
             history=(seq,),
+            composite_alg=fields.get("composite_alg"),
         )
     elif rtype == "key.transition":
         key_id = _need(fields, "key_id", str)

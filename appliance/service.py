@@ -10,13 +10,14 @@ import logging
 import os
 import threading
 import time
-from collections import ChainMap
+from collections import ChainMap, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import mldsa
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 
 from appliance.algorithms import ClassicalAlg, parse_alg
 from appliance.audit import check_anti_rollback, checkpoint, ensure_audit_key, rotate_audit_key
@@ -34,8 +35,10 @@ from appliance.keys import KeyInfo, KeyKind, KeyState, apply_record, parse_selec
 from appliance.keystore import KdfParams, Keystore
 from appliance.migration.engine import BulkResult, MigrationEngine, Progress
 from appliance.migration.recovery import RecoveryReport, recover
-from appliance.pqc import PqcBackend, active_backend, backend_info
+from appliance.pqc import MlDsaSigner, PqcBackend, active_backend, backend_info
 from appliance.secret import BytesLike, SecretBytes
+from appliance.signing import composite
+from appliance.signing.dual import sign_dual
 from appliance.token import TokenBackend
 from appliance.token.pkcs11 import Pkcs11Token
 from appliance.wal import Wal, WalRecord
@@ -102,6 +105,8 @@ class Appliance:
         self.damaged: dict[str, str] = {}
         self.engine = MigrationEngine(self)
         self.last_recovery: RecoveryReport | None = None
+        self.signer_cache_size = 1024
+        self._signers: OrderedDict[str, tuple[bytes | None, MlDsaSigner]] = OrderedDict()
         init = next(iter(wal.records()), None)
         self.appliance_id = init.fields.get("appliance_id", b"").hex() if init is not None else ""
 
@@ -170,6 +175,7 @@ class Appliance:
     def close(self) -> None:
         """Zeroize, close the token session and release the WAL."""
         with self._lock:
+            self._signers.clear()
             self.keystore.lock()
             self.token.close()
             self.wal.close()
@@ -324,6 +330,8 @@ class Appliance:
                     },
                 )
                 return self._keys[key_id]
+            if key_type in COMPOSITE_TYPES:
+                return self._create_composite(key_type, label, cka_id)
             alg = parse_alg(key_type)
             spki = self.token.generate_keypair(alg, cka_id, label)
             self._commit(
@@ -340,6 +348,36 @@ class Appliance:
                 },
             )
             return self._keys[key_id]
+
+    def _create_composite(self, key_type: str, label: str, cka_id: bytes) -> KeyInfo:
+        """A composite key: a fresh classical keypair in the token and a fresh ML-DSA-87 blob.
+
+        Security: the draft forbids reusing either component elsewhere, so neither part is
+        ever taken from an existing key, and the parts never sign alone.
+        """
+        params = composite.parse_composite_alg(key_type)
+        self.keystore._require()
+        key_id = cka_id.hex()
+        alg = parse_alg(params.classical)
+        spki = self.token.generate_keypair(alg, cka_id, label)
+        public, digest = self.keystore.new_mldsa(key_id)
+        self._commit(
+            "key.create",
+            {
+                "key_id": key_id,
+                "label": label,
+                "kind": KeyKind.COMPOSITE.value,
+                "state": KeyState.HYBRID.value,
+                "composite_alg": params.alg.value,
+                "classical_alg": alg.name,
+                "cka_id": cka_id,
+                "classical_spki": spki,
+                "pqc_public": public,
+                "blob_sha3": digest,
+                "origin": "generated",
+            },
+        )
+        return self._keys[key_id]
 
     def adopt_key(
         self, *, label: str | None = None, cka_id: bytes | None = None, new_label: str | None = None
@@ -381,30 +419,41 @@ class Appliance:
 
     @staticmethod
     def public_key_pem_of(key: KeyInfo, *, part: str | None = None) -> bytes:
-        """SPKI PEM of the key's classical part or, for PQC keys, its ML-DSA-87 part."""
-        if part is None:  # the part the key signs with by default in its state
-            classical_live = key.kind is KeyKind.CLASSICAL and key.state in (
-                KeyState.CLASSICAL,
-                KeyState.HYBRID,
-                KeyState.PQC_PREFERRED,
+        """SPKI PEM of a key's parts.
+
+        ``part`` is ``classical``, ``ml-dsa`` or ``all``; by default every part the key
+        signs with in its state, classical first (so a tool that reads one PEM block, like
+        ``openssl``, gets the part a legacy verifier checks).
+        """
+        if key.kind is KeyKind.COMPOSITE:
+            if part not in (None, "all", "composite"):
+                raise CallerError(
+                    f"key {key.label!r} is composite: it exports one composite public key"
+                )
+            params = composite.parse_composite_alg(key.composite_alg or "")
+            return composite.public_key_pem(params, composite_public_key(key))
+        live = _live_parts(key)
+        parts = live if part in (None, "all") else [part]
+        if not parts:
+            raise StateError(f"key {key.label!r} has no public key in state {key.state.value}")
+        out = b""
+        for name in parts:
+            if name == "classical":
+                if key.classical_spki is None:
+                    raise StateError(f"key {key.label!r} has no classical public key")
+                der = key.classical_spki
+            elif name == "ml-dsa":
+                if key.pqc_public is None:
+                    raise StateError(f"key {key.label!r} has no ML-DSA-87 public key")
+                der = mldsa.MLDSA87PublicKey.from_public_bytes(key.pqc_public).public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            else:
+                raise CallerError(f"unknown public key part {name!r} (classical, ml-dsa or all)")
+            out += serialization.load_der_public_key(der).public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            part = "classical" if classical_live else "ml-dsa"
-        if part == "classical":
-            if key.classical_spki is None:
-                raise StateError(f"key {key.label!r} has no classical public key")
-            der = key.classical_spki
-        elif part == "ml-dsa":
-            if key.pqc_public is None:
-                raise StateError(f"key {key.label!r} has no ML-DSA-87 public key")
-            der = mldsa.MLDSA87PublicKey.from_public_bytes(key.pqc_public).public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        else:
-            raise CallerError(f"unknown public key part {part!r} (classical or ml-dsa)")
-        body = serialization.load_der_public_key(der)
-        return body.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return out
 
     # -- signing ---------------------------------------------------------------------------------
 
@@ -416,58 +465,124 @@ class Appliance:
         kind: str | None = None,
         raw: bool = False,
         context: bytes = b"",
+        deterministic: bool = False,
     ) -> bytes:
-        """Sign with what the key's state allows.
+        """Sign with what the key's state allows (DESIGN §7).
 
-        ``kind`` is ``classical`` or ``ml-dsa``; by default CLASSICAL, HYBRID and
-        PQC_PREFERRED keys sign classically (dual signatures arrive with the signing
-        issue) and FINALIZING/PQC_ONLY keys sign with ML-DSA-87 only.
+        ``kind`` is ``classical``, ``ml-dsa`` or ``dual``.  By default CLASSICAL keys sign
+        classically, HYBRID and PQC_PREFERRED keys sign dual (OR-mode), FINALIZING and
+        PQC_ONLY keys (and keys born ML-DSA-87) sign with ML-DSA-87 only.
         """
+        if deterministic:
+            raise CallerError(
+                "deterministic ML-DSA signing is not available: the "
+                f"{self.pqc.name} backend signs hedged (randomized) only"
+            )
         if len(message) > MAX_MESSAGE:
             raise CallerError(f"message larger than {MAX_MESSAGE} bytes")
+        msg = bytes(message)
         current = self.key(key.key_id)
         if current.key_id in self.damaged:
             raise StateError(f"key {current.label!r} is DAMAGED: {self.damaged[current.key_id]}")
-        has_classical = current.kind is KeyKind.CLASSICAL and current.state in (
-            KeyState.CLASSICAL,
-            KeyState.HYBRID,
-            KeyState.PQC_PREFERRED,
-        )
-        has_pqc = current.pqc_public is not None
+        live = _live_parts(current)
+        if current.kind is KeyKind.COMPOSITE:
+            if kind not in (None, "composite"):
+                raise StateError(
+                    f"key {current.label!r} is a composite key: its parts never "
+                    "sign alone (draft-ietf-lamps-pq-composite-sigs)"
+                )
+            return self._sign_composite(current, msg, context)
         if kind is None:
-            kind = "classical" if has_classical else "ml-dsa"
+            kind = "dual" if len(live) == 2 else live[0]
         if kind == "classical":
-            if not has_classical:
+            if "classical" not in live:
                 raise StateError(
                     f"key {current.label!r} is {current.state.value}: its classical "
                     "private key is gone; sign with ML-DSA-87"
                 )
             if context:
                 raise CallerError("classical signatures take no context")
-            if current.cka_id is None or current.classical_alg is None:
-                raise StateError(f"key {current.label!r} has no token key recorded")
-            return self.token.sign(
-                parse_alg(current.classical_alg), current.cka_id, message, raw=raw
-            )
+            return self._classical_sign(current, raw=raw)(msg)
         if kind == "ml-dsa":
-            if not has_pqc:
+            if "ml-dsa" not in live:
                 raise StateError(
                     f"key {current.label!r} is {current.state.value}: it has no "
                     "ML-DSA-87 key yet (migrate it to HYBRID)"
                 )
             if raw:
                 raise CallerError("--raw applies to ECDSA signatures only")
-            signer = self.keystore.open_mldsa(
-                current.key_id, expect_public=current.pqc_public, expect_digest=current.blob_sha3
+            return self._mldsa_signer(current).sign(msg, context)
+        if kind == "dual":
+            if live != ["classical", "ml-dsa"]:
+                raise StateError(
+                    f"key {current.label!r} is {current.state.value}: dual signatures "
+                    "need both parts (HYBRID or PQC_PREFERRED)"
+                )
+            if raw:
+                raise CallerError("--raw applies to plain ECDSA signatures only")
+            if current.classical_alg is None or current.classical_spki is None:
+                raise StateError(f"key {current.label!r} has no classical part recorded")
+            return sign_dual(
+                current.classical_alg,
+                current.classical_spki,
+                self._classical_sign(current),
+                self._mldsa_signer(current),
+                msg,
+                context,
             )
-            return signer.sign(message, context)
-        raise CallerError(f"unknown signature kind {kind!r} (classical or ml-dsa)")
+        raise CallerError(f"unknown signature kind {kind!r} (classical, ml-dsa or dual)")
+
+    def _sign_composite(self, key: KeyInfo, message: bytes, context: bytes) -> bytes:
+        params = composite.parse_composite_alg(key.composite_alg or "")
+        if key.cka_id is None or key.classical_alg is None:
+            raise StateError(f"key {key.label!r} has no token key recorded")
+        alg, cka_id = parse_alg(key.classical_alg), key.cka_id
+        prehashed = params.classical_hash is not None
+
+        def classical(data: bytes) -> bytes:
+            return self.token.sign(alg, cka_id, data, prehashed=prehashed)
+
+        return composite.sign(
+            params,
+            self._mldsa_signer(key),
+            classical,
+            message,
+            context,
+            composite_public=composite_public_key(key),
+        )
+
+    def _classical_sign(self, key: KeyInfo, *, raw: bool = False) -> Callable[[bytes], bytes]:
+        if key.cka_id is None or key.classical_alg is None:
+            raise StateError(f"key {key.label!r} has no token key recorded")
+        alg, cka_id = parse_alg(key.classical_alg), key.cka_id
+        return lambda m: self.token.sign(alg, cka_id, m, raw=raw)
+
+    def _mldsa_signer(self, key: KeyInfo) -> MlDsaSigner:
+        """An opened ML-DSA-87 signer, from a bounded LRU cache while unlocked.
+
+        Security: cached signers hold expanded keys inside OpenSSL until evicted, the
+        keystore is locked, or the appliance closes.
+        """
+        with self._lock:
+            hit = self._signers.get(key.key_id)
+            if hit is not None and hit[0] == key.blob_sha3:
+                self._signers.move_to_end(key.key_id)
+                return hit[1]
+        signer = self.keystore.open_mldsa(
+            key.key_id, expect_public=key.pqc_public, expect_digest=key.blob_sha3
+        )
+        with self._lock:
+            self._signers[key.key_id] = (key.blob_sha3, signer)
+            while len(self._signers) > self.signer_cache_size:
+                self._signers.popitem(last=False)
+        return signer
 
     # -- passphrase --------------------------------------------------------------------------------
 
     def change_passphrase(self, old: SecretBytes, new: SecretBytes) -> int:
         """Re-encrypt every blob under ``new``.  The WAL record is the commit point."""
         with self._lock:
+            self._signers.clear()
             gen, digests = self.keystore.prepare_change(old, new)
             self._commit("keystore.passphrase", {"gen": gen, "blobs": digests})
             self.keystore.commit_change()
@@ -522,9 +637,43 @@ class Appliance:
             )
 
 
+COMPOSITE_TYPES: Final = tuple(a.value for a in composite.CompositeAlg)
+
+
 def supported_key_types() -> list[str]:
-    return [a.value for a in ClassicalAlg] + ["ml-dsa-87"]
+    return [a.value for a in ClassicalAlg] + ["ml-dsa-87", *COMPOSITE_TYPES]
 
 
 def home_is_initialized(home: Path) -> bool:
     return (home / "keystore.cbor").exists()
+
+
+def _live_parts(key: KeyInfo) -> list[str]:
+    """The parts a key signs with in its state: classical first, then ML-DSA-87."""
+    parts = []
+    if key.kind is KeyKind.COMPOSITE:
+        return ["composite"]
+    if key.kind is KeyKind.CLASSICAL and key.state in (
+        KeyState.CLASSICAL,
+        KeyState.HYBRID,
+        KeyState.PQC_PREFERRED,
+    ):
+        parts.append("classical")
+    if key.pqc_public is not None:
+        parts.append("ml-dsa")
+    return parts
+
+
+def composite_public_key(key: KeyInfo) -> bytes:
+    """mldsaPK || tradPK of a composite key, from what the WAL recorded."""
+    params = composite.parse_composite_alg(key.composite_alg or "")
+    if key.pqc_public is None or key.classical_spki is None:
+        raise StateError(f"key {key.label!r} lacks a recorded part")
+    trad = serialization.load_der_public_key(key.classical_spki)
+    if isinstance(trad, ec.EllipticCurvePublicKey):
+        raw = trad.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+    else:
+        raw = trad.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return composite.encode_public_key(params, key.pqc_public, raw)

@@ -101,7 +101,10 @@ def recover(app: Appliance) -> RecoveryReport:
     named: set[str] = set()
     for key in app.keys():
         why = None
-        if key.kind is KeyKind.CLASSICAL and key.state in _USES_TOKEN and key.cka_id not in present:
+        in_token = key.kind is KeyKind.COMPOSITE or (
+            key.kind is KeyKind.CLASSICAL and key.state in _USES_TOKEN
+        )
+        if in_token and key.cka_id not in present:
             why = "the token no longer holds its classical private key"
         if key.blob_sha3 is not None and (key.state in _USES_BLOB or key.kind is KeyKind.MLDSA):
             named.add(key.key_id)

@@ -71,7 +71,13 @@ class TokenBackend(Protocol):
         ...
 
     def sign(
-        self, alg: Algorithm, cka_id: bytes, message: BytesLike, *, raw: bool = False
+        self,
+        alg: Algorithm,
+        cka_id: bytes,
+        message: BytesLike,
+        *,
+        raw: bool = False,
+        prehashed: bool = False,
     ) -> bytes: ...
 
     def private_key_ids(self) -> set[bytes]:

@@ -294,7 +294,13 @@ class Pkcs11Token:
         return key
 
     def sign(
-        self, alg: Algorithm, cka_id: bytes, message: BytesLike, *, raw: bool = False
+        self,
+        alg: Algorithm,
+        cka_id: bytes,
+        message: BytesLike,
+        *,
+        raw: bool = False,
+        prehashed: bool = False,
     ) -> bytes:
         """Sign ``message`` with the token key ``cka_id``.
 
@@ -306,6 +312,9 @@ class Pkcs11Token:
         if alg.edwards:
             data = bytes(message)
             mech = Mechanism.EDDSA
+        elif prehashed:  # the caller hashed already (composite signatures: SHA-384 of M')
+            data = bytes(message)
+            mech = Mechanism.ECDSA
         else:
             h = hashes.Hash(alg.hash())
             h.update(bytes(message))

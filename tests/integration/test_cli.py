@@ -456,3 +456,83 @@ def test_audit_verify_and_a_damaged_wal(tmp_path: Path) -> None:
     assert wal.read_bytes() == bytes(damaged)
     wal.write_bytes(pristine)
     ok("status", home=home)
+
+
+def test_dual_signing_and_policies_via_cli(tmp_path: Path) -> None:
+    home = _init(tmp_path)
+    ok("key", "create", "--type", "ecdsa-p256", "--label", "dual", home=home)
+    ok("migrate", "dual", "--to", "HYBRID", home=home)
+    msg, sig, pem = tmp_path / "m", tmp_path / "s", tmp_path / "both.pem"
+    msg.write_bytes(b"a dual-signed transfer")
+    ok("sign", "dual", "--in", str(msg), "--out", str(sig), home=home)
+    assert sig.read_bytes()[:4] == b"PQDS"
+    ok("key", "export-public", "dual", "--out", str(pem), home=home)
+    assert pem.read_text().count("BEGIN PUBLIC KEY") == 2
+    for policy in ("legacy", "pqc", "strict"):
+        out = ok(
+            "verify",
+            "--policy",
+            policy,
+            "--pub",
+            str(pem),
+            "--in",
+            str(msg),
+            "--sig",
+            str(sig),
+            home=home,
+        )
+        assert f"policy {policy}" in out.decode()
+    # the classical part alone, as a legacy verifier sees it: openssl reads the first PEM block
+    plain = tmp_path / "plain"
+    ok("sign", "dual", "--kind", "classical", "--in", str(msg), "--out", str(plain), home=home)
+    assert openssl_verify("ecdsa-p256", pem, msg, plain) == 0
+    fails(
+        "verify",
+        "--policy",
+        "pqc",
+        "--pub",
+        str(pem),
+        "--in",
+        str(msg),
+        "--sig",
+        str(plain),
+        home=home,
+        match="needs an ML-DSA-87 part",
+    )
+    fails(
+        "verify",
+        "--policy",
+        "lenient",
+        "--pub",
+        str(pem),
+        "--in",
+        str(msg),
+        "--sig",
+        str(sig),
+        home=home,
+        match="unknown policy",
+    )
+    truncated = tmp_path / "t"
+    truncated.write_bytes(sig.read_bytes()[:-10])
+    fails(
+        "verify",
+        "--pub",
+        str(pem),
+        "--in",
+        str(msg),
+        "--sig",
+        str(truncated),
+        home=home,
+        match="truncated",
+    )
+    fails(
+        "sign",
+        "dual",
+        "--deterministic",
+        "--in",
+        str(msg),
+        "--out",
+        str(sig),
+        home=home,
+        match="deterministic ML-DSA signing is not available",
+    )

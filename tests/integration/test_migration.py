@@ -70,7 +70,7 @@ def test_full_migration_erases_before_pqc_only(
     assert k.state is S.HYBRID
     assert k.pqc_public is not None
     assert app.keystore.blob_path(k.key_id).exists()
-    verify_signature(classical_pub, b"m", app.sign(k, b"m"))  # legacy verifiers keep working
+    verify_signature(classical_pub, b"m", app.sign(k, b"m", kind="classical"))  # legacy verifiers
     pq_pub = load_public_key(app.public_key_pem_of(k, part="ml-dsa"))
     verify_signature(pq_pub, b"m", app.sign(k, b"m", kind="ml-dsa"))
     k = app.migrate(k, S.PQC_PREFERRED, reason="cut-over week 1")
