@@ -466,8 +466,12 @@ class Appliance:
         raw: bool = False,
         context: bytes = b"",
         deterministic: bool = False,
+        prehashed: bool = False,
     ) -> bytes:
         """Sign with what the key's state allows (DESIGN §7).
+
+        ``prehashed`` (classical ECDSA only) signs a digest the caller computed, as
+        ``CKM_ECDSA`` does for PKCS#11 clients.
 
         ``kind`` is ``classical``, ``ml-dsa`` or ``dual``.  By default CLASSICAL keys sign
         classically, HYBRID and PQC_PREFERRED keys sign dual (OR-mode), FINALIZING and
@@ -502,7 +506,9 @@ class Appliance:
                 )
             if context:
                 raise CallerError("classical signatures take no context")
-            return self._classical_sign(current, raw=raw)(msg)
+            if prehashed and (current.classical_alg or "").startswith("ed"):
+                raise CallerError("EdDSA signs the message itself, not a digest")
+            return self._classical_sign(current, raw=raw, prehashed=prehashed)(msg)
         if kind == "ml-dsa":
             if "ml-dsa" not in live:
                 raise StateError(
@@ -551,11 +557,13 @@ class Appliance:
             composite_public=composite_public_key(key),
         )
 
-    def _classical_sign(self, key: KeyInfo, *, raw: bool = False) -> Callable[[bytes], bytes]:
+    def _classical_sign(
+        self, key: KeyInfo, *, raw: bool = False, prehashed: bool = False
+    ) -> Callable[[bytes], bytes]:
         if key.cka_id is None or key.classical_alg is None:
             raise StateError(f"key {key.label!r} has no token key recorded")
         alg, cka_id = parse_alg(key.classical_alg), key.cka_id
-        return lambda m: self.token.sign(alg, cka_id, m, raw=raw)
+        return lambda m: self.token.sign(alg, cka_id, m, raw=raw, prehashed=prehashed)
 
     def _mldsa_signer(self, key: KeyInfo) -> MlDsaSigner:
         """An opened ML-DSA-87 signer, from a bounded LRU cache while unlocked.
