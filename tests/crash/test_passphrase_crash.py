@@ -9,12 +9,12 @@ unlock, every key must sign under it, and recovery must append nothing the secon
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from crashkit import copy_home, make_base
 
 from conftest import run_cli
 
@@ -78,18 +78,8 @@ def _py(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pp-template")
+    root = make_base(tmp_path_factory.mktemp("pp-template"))
     home = root / "pqhsm"
-    proc = run_cli(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(root / "secrets"),
-        "--pbkdf2-iterations",
-        "1000",
-        home=home,
-    )
-    assert proc.returncode == 0, proc.stderr
     for label, kind in (("pq-a", "ml-dsa-87"), ("pq-b", "ml-dsa-87"), ("ed", "ed25519")):
         proc = run_cli("key", "create", "--type", kind, "--label", label, home=home)
         assert proc.returncode == 0, proc.stderr
@@ -99,18 +89,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _copy(template: Path, dst: Path) -> tuple[Path, Path]:
-    shutil.copytree(template, dst)
-    home = dst / "pqhsm"
-    conf = home / "softhsm" / "softhsm2.conf"
-    conf.write_text(conf.read_text().replace(str(template / "pqhsm"), str(home)))
-    return home, dst / "secrets"
-
-
 def test_passphrase_change_survives_a_crash_at_every_fault_point(
     template: Path, tmp_path: Path
 ) -> None:
-    home, secrets = _copy(template, tmp_path / "count")
+    home, secrets = copy_home(template, tmp_path / "count")
     full = _py(CHILD, str(home), str(secrets), "0")
     assert full.returncode == 0, full.stderr
     points: list[str] = json.loads(full.stdout)
@@ -119,7 +101,7 @@ def test_passphrase_change_survives_a_crash_at_every_fault_point(
     assert any(p.startswith("passphrase.commit") for p in points)
     outcomes = {"passphrase": 0, "new-passphrase": 0}
     for k in range(1, len(points) + 1):
-        home, secrets = _copy(template, tmp_path / f"k{k}")
+        home, secrets = copy_home(template, tmp_path / f"k{k}")
         crashed = _py(CHILD, str(home), str(secrets), str(k))
         assert crashed.returncode == 137, f"k={k} ({points[k - 1]}): {crashed.stderr}"
         check = _py(CHECK, str(home), str(secrets))
