@@ -36,6 +36,7 @@ from appliance.algorithms import parse_alg
 from appliance.errors import CallerError, DeviceError, SignatureInvalid, StateError
 from appliance.pqc import active_backend
 from appliance.secret import ct_equal
+from appliance.token import TokenBackend
 from appliance.wal import Wal, WalRecord, verify_chain
 
 if TYPE_CHECKING:
@@ -207,8 +208,12 @@ def checkpoint(app: Appliance) -> WalRecord:
 
 def read_counter(app: Appliance) -> tuple[int, bytes] | None:
     """The highest (seq, hash) among the token's counter objects (a crash may leave two)."""
+    return read_token_counter(app.token)
+
+
+def read_token_counter(token: TokenBackend) -> tuple[int, bytes] | None:
     best: tuple[int, bytes] | None = None
-    for raw in app.token.read_data(COUNTER_LABEL):
+    for raw in token.read_data(COUNTER_LABEL):
         try:
             m = codec.loads_map(raw, "anti-rollback counter")
             seq, h = int(m["seq"]), bytes(m["hash"])

@@ -499,6 +499,59 @@ def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
+    with _open(args, cfg, unlock=True) as app:
+        info = app.backup(Path(args.out).absolute() if args.out else None)
+    if args.json:
+        _emit_json(
+            {
+                "path": str(info.path),
+                "wal_seq": info.wal_seq,
+                "artifacts": info.artifacts,
+                "bytes": info.size,
+            }
+        )
+    else:
+        print(
+            f"backup of WAL seq {info.wal_seq}: {info.artifacts} artifact(s), {info.size} bytes, "
+            f"signed by the audit key -> {info.path}"
+        )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.service import restore_backup
+    from appliance.snapshot import read_fingerprints
+
+    if not (cfg.home / "config.toml").exists():
+        raise NotInitialized(
+            f"{cfg.home}: no config.toml (a restore needs the token configuration)"
+        )
+    trusted = tuple(read_fingerprints(Path(args.trusted_keys))) if args.trusted_keys else ()
+    pin = _pin(args, cfg)
+    passphrase = (
+        _passphrase(args, cfg)
+        if (args.passphrase_file or args.passphrase_fd or cfg.passphrase_file)
+        else None
+    )
+    try:
+        out = restore_backup(
+            cfg, Path(args.path), pin=pin, passphrase=passphrase, trusted_fingerprints=trusted
+        )
+    finally:
+        pin.wipe()
+        if passphrase is not None:
+            passphrase.wipe()
+    if args.json:
+        _emit_json(out)
+    else:
+        print(
+            f"restored WAL seq {out['restored_seq']} (was {out['previous_seq']}), "
+            f"{out['keys']} key(s); signer {out['signer'][:16]}…"
+        )
+    return 0
+
+
 def cmd_passphrase_change(args: argparse.Namespace, cfg: Config) -> int:
     _require_home(cfg)
     pin = _pin(args, cfg)
@@ -923,6 +976,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("checkpoint", cmd_audit_checkpoint, "sign the WAL head now", audit)
     _secret_args(p)
     p = cmd("rotate", cmd_audit_rotate, "make a new audit key signed by the current one", audit)
+    _secret_args(p)
+
+    p = cmd("backup", cmd_backup, "write a signed snapshot backup (.tar.gz)", json_=True)
+    p.add_argument(
+        "--out", help="directory (content-addressed name) or file; default: next to the home"
+    )
+    _secret_args(p)
+    p = cmd("restore", cmd_restore, "verify a backup completely, then restore it", json_=True)
+    p.add_argument("path", help="the backup .tar.gz")
+    p.add_argument("--trusted-keys", help="file of trusted audit-key fingerprints (one per line)")
     _secret_args(p)
 
     pp = sub.add_parser("passphrase", help="keystore passphrase").add_subparsers(

@@ -39,6 +39,7 @@ from appliance.pqc import MlDsaSigner, PqcBackend, active_backend, backend_info
 from appliance.secret import BytesLike, SecretBytes
 from appliance.signing import composite
 from appliance.signing.dual import sign_dual
+from appliance.snapshot.backup import BackupInfo, create_backup
 from appliance.token import TokenBackend
 from appliance.token.pkcs11 import Pkcs11Token
 from appliance.wal import Wal, WalRecord
@@ -157,6 +158,10 @@ class Appliance:
         token = Pkcs11Token.open(cfg.token, pin)
         wal: Wal | None = None
         try:
+            from appliance.snapshot.restore import finish_restore
+
+            if finish_restore(cfg.home):  # a restore committed just before a crash
+                log.warning("completed an interrupted restore")
             wal = Wal.open(cfg.home / "wal")
             pqc = active_backend()
             app = cls(cfg, token, Keystore(cfg.home, token, pqc), wal, pqc)
@@ -247,6 +252,12 @@ class Appliance:
         """Make the next audit key, signed by the current one; returns its number."""
         with self._lock:
             return rotate_audit_key(self).n
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def backup(self, out: Path | None = None) -> BackupInfo:
+        """A signed snapshot of the log, keystore header, blobs and public keys."""
+        return create_backup(self, out)
 
     # -- migration -------------------------------------------------------------------------------
 
@@ -685,3 +696,63 @@ def composite_public_key(key: KeyInfo) -> bytes:
     else:
         raw = trad.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return composite.encode_public_key(params, key.pqc_public, raw)
+
+
+def restore_backup(
+    cfg: Config,
+    path: Path,
+    *,
+    pin: SecretBytes,
+    passphrase: SecretBytes | None,
+    trusted_fingerprints: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Verify a backup completely, then swap it in and record the restore in the log.
+
+    Trusted signers: the audit keys of the live log, plus ``trusted_fingerprints`` (for a
+    disaster recovery onto an empty home).  Nothing is written unless every check passes.
+    """
+    from appliance.audit import read_token_counter
+    from appliance.snapshot.restore import restore_into, verify_backup
+
+    cfg.apply_environment()
+    token = Pkcs11Token.open(cfg.token, pin)
+    try:
+        counter = read_token_counter(token)
+    finally:
+        token.close()
+    live = cfg.home / "wal"
+    live_seq = -1
+    if (live / "wal.log").exists():
+        w = Wal.open(live, readonly=True)
+        live_seq = w.head[0]
+        w.close()
+    vb = verify_backup(
+        path,
+        live_wal_dir=live if live_seq >= 0 else None,
+        trusted_fingerprints=trusted_fingerprints,
+    )
+    ensure_private_dir(cfg.home)
+    restore_into(cfg.home, vb, counter=counter)
+    app = Appliance.open(cfg, pin=pin, passphrase=passphrase)
+    try:
+        app._commit(
+            "restore",
+            {
+                "snapshot_seq": vb.wal_seq,
+                "snapshot_hash": vb.wal_hash,
+                "previous_seq": live_seq,
+                "signer": vb.signer.fingerprint(),
+                "archive": path.name,
+            },
+        )
+        if app.keystore.unlocked:
+            app.checkpoint()
+        return {
+            "restored_seq": vb.wal_seq,
+            "previous_seq": live_seq,
+            "keys": len(app.keys()),
+            "signer": vb.signer.fingerprint(),
+            "damaged": dict(app.damaged),
+        }
+    finally:
+        app.close()

@@ -72,6 +72,15 @@ SCENARIOS = [
         "app.rotate_audit_key(); app.checkpoint()",
         setup=((*C, "ed25519", "--label", "c1"), ("audit", "checkpoint")),
     ),
+    Scenario(
+        "backup-restore",
+        "from appliance.service import restore_backup\n"
+        "info = app.backup(home.parent)\n"
+        "cfg = app.cfg\n"
+        "app.close()\n"
+        "restore_backup(cfg, info.path, pin=read('token-pin'), passphrase=read('passphrase'))",
+        setup=((*C, "ed25519", "--label", "c1"), (*C, "ml-dsa-87", "--label", "pq")),
+    ),
     # recovery itself: two keys left in FINALIZING by hand, then crash while opening
     Scenario(
         "recovery",
