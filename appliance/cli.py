@@ -536,7 +536,13 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
     )
     try:
         out = restore_backup(
-            cfg, Path(args.path), pin=pin, passphrase=passphrase, trusted_fingerprints=trusted
+            cfg,
+            Path(args.path),
+            pin=pin,
+            passphrase=passphrase,
+            trusted_fingerprints=trusted,
+            allow_rollback=args.allow_rollback,
+            reason=args.reason,
         )
     finally:
         pin.wipe()
@@ -986,6 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("restore", cmd_restore, "verify a backup completely, then restore it", json_=True)
     p.add_argument("path", help="the backup .tar.gz")
     p.add_argument("--trusted-keys", help="file of trusted audit-key fingerprints (one per line)")
+    p.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="permit a snapshot older than the live log (never un-finalizes a key)",
+    )
+    p.add_argument("--reason", help="why (required with --allow-rollback; kept in the log)")
     _secret_args(p)
 
     pp = sub.add_parser("passphrase", help="keystore passphrase").add_subparsers(

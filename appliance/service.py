@@ -150,7 +150,14 @@ class Appliance:
         return app
 
     @classmethod
-    def open(cls, cfg: Config, *, pin: SecretBytes, passphrase: SecretBytes | None) -> Appliance:
+    def open(
+        cls,
+        cfg: Config,
+        *,
+        pin: SecretBytes,
+        passphrase: SecretBytes | None,
+        _after_rollback_restore: bool = False,
+    ) -> Appliance:
         """Log in to the token, open the WAL, recover, and unlock when a passphrase is given."""
         if not (cfg.home / "keystore.cbor").exists():
             raise NotInitialized(f"{cfg.home}: no appliance here (run `pqhsm init`)")
@@ -165,7 +172,8 @@ class Appliance:
             wal = Wal.open(cfg.home / "wal")
             pqc = active_backend()
             app = cls(cfg, token, Keystore(cfg.home, token, pqc), wal, pqc)
-            check_anti_rollback(app)
+            if not _after_rollback_restore:  # restore_backup re-checkpoints right after
+                check_anti_rollback(app)
             app._recover_passphrase_change()
             app.recover()
             if passphrase is not None:
@@ -705,19 +713,30 @@ def restore_backup(
     pin: SecretBytes,
     passphrase: SecretBytes | None,
     trusted_fingerprints: tuple[str, ...] = (),
+    allow_rollback: bool = False,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Verify a backup completely, then swap it in and record the restore in the log.
 
     Trusted signers: the audit keys of the live log, plus ``trusted_fingerprints`` (for a
     disaster recovery onto an empty home).  Nothing is written unless every check passes.
+    ``allow_rollback`` (with a reason, and the passphrase to re-sign the head) permits a
+    snapshot behind the live log or the token counter; it never un-finalizes a key.
     """
     from appliance.audit import read_token_counter
-    from appliance.snapshot.restore import restore_into, verify_backup
+    from appliance.snapshot.restore import Rollback, restore_into, verify_backup
 
+    if allow_rollback and (reason is None or not reason.strip()):
+        raise PolicyDenied("--allow-rollback needs a --reason (it is kept in the log)")
+    if allow_rollback and passphrase is None:
+        raise PolicyDenied("a rollback restore re-signs the log head: it needs the passphrase")
     cfg.apply_environment()
     token = Pkcs11Token.open(cfg.token, pin)
     try:
         counter = read_token_counter(token)
+        rollback = (
+            Rollback(reason or "", frozenset(token.private_key_ids())) if allow_rollback else None
+        )
     finally:
         token.close()
     live = cfg.home / "wal"
@@ -732,21 +751,24 @@ def restore_backup(
         trusted_fingerprints=trusted_fingerprints,
     )
     ensure_private_dir(cfg.home)
-    restore_into(cfg.home, vb, counter=counter)
-    app = Appliance.open(cfg, pin=pin, passphrase=passphrase)
+    restore_into(cfg.home, vb, counter=counter, rollback=rollback)
+    app = Appliance.open(
+        cfg, pin=pin, passphrase=passphrase, _after_rollback_restore=rollback is not None
+    )
     try:
-        app._commit(
-            "restore",
-            {
-                "snapshot_seq": vb.wal_seq,
-                "snapshot_hash": vb.wal_hash,
-                "previous_seq": live_seq,
-                "signer": vb.signer.fingerprint(),
-                "archive": path.name,
-            },
-        )
+        fields: dict[str, Any] = {
+            "snapshot_seq": vb.wal_seq,
+            "snapshot_hash": vb.wal_hash,
+            "previous_seq": live_seq,
+            "signer": vb.signer.fingerprint(),
+            "archive": path.name,
+            "rollback": rollback is not None,
+        }
+        if reason:
+            fields["reason"] = reason
+        app._commit("restore", fields)
         if app.keystore.unlocked:
-            app.checkpoint()
+            app.checkpoint()  # after a rollback this also moves the token counter to the new head
         return {
             "restored_seq": vb.wal_seq,
             "previous_seq": live_seq,

@@ -9,7 +9,9 @@
 (3) Every artifact's SHA3-256 and size must match; none may be missing or extra.
 (4) The snapshot's log must verify, end where the manifest says, and not fork from the
     live log; a snapshot behind the live log or the token's anti-rollback counter is
-    refused (rollback restores are a later slice and will need an explicit reason).
+    refused unless the operator allows a rollback with a reason, and even then no key may
+    return to a state before FINALIZING once the live log or the token says it was
+    finalized.  A snapshot whose log forks from either is always refused.
 (5) Only then: stage the files in ``.restore/``, fsync, write ``.restore/READY`` (the
     commit point), move them into place, append a ``restore`` record, remove the journal.
     :func:`finish_restore` (called at every start) completes a restore that has READY and
@@ -178,10 +180,56 @@ def verify_backup(
     return VerifiedBackup(files, body, key, wal_seq, wal_hash)
 
 
+@dataclass(frozen=True)
+class Rollback:
+    """An operator's explicit permission to restore an older state, and what guards it."""
+
+    reason: str
+    token_private_ids: frozenset[bytes]  # private keys the token still holds
+
+
+_PRE_FINAL: Final = ("CLASSICAL", "HYBRID", "PQC_PREFERRED")
+
+
+def _guard_finalized(snap: Wal, live_wal_dir: Path | None, rollback: Rollback) -> None:
+    """No key may go back to a state before FINALIZING once the live log or the token says
+    it was finalized (its classical private key erased)."""
+    from appliance.keys import replay
+
+    snap_keys = replay(snap.records())
+    live_keys = {}
+    if live_wal_dir is not None and (live_wal_dir / "wal.log").exists():
+        live = Wal.open(live_wal_dir, readonly=True)
+        try:
+            live_keys = replay(live.records())
+        finally:
+            live.close()
+    for key_id, k in snap_keys.items():
+        if k.state.value not in _PRE_FINAL or k.kind.value != "classical":
+            continue
+        now = live_keys.get(key_id)
+        if now is not None and now.state.value not in _PRE_FINAL:
+            raise PolicyDenied(
+                f"key {k.label!r} is {now.state.value} in the live log; a restore may "
+                f"not bring it back to {k.state.value}"
+            )
+        if k.cka_id is not None and k.cka_id not in rollback.token_private_ids:
+            raise PolicyDenied(
+                f"key {k.label!r}: the token no longer holds its classical private key "
+                f"(finalized); a restore may not bring it back to {k.state.value}"
+            )
+
+
 def _check_log(
-    vb: VerifiedBackup, scratch: Path, live_wal_dir: Path | None, counter: tuple[int, bytes] | None
+    vb: VerifiedBackup,
+    scratch: Path,
+    live_wal_dir: Path | None,
+    counter: tuple[int, bytes] | None,
+    rollback: Rollback | None = None,
 ) -> None:
-    """(4) the snapshot's log verifies, ends at the manifest's head, and is not behind or forked."""
+    """(4) the snapshot's log verifies, ends at the manifest's head, never forks from the
+    live log or the token counter, and is not behind either unless the operator allowed a
+    rollback (which still may not un-finalize a key)."""
     wal_dir = scratch / "wal"
     ensure_private_dir(wal_dir)
     write_synced(wal_dir / "wal.log", vb.files["wal/wal.log"], point="restore.check")
@@ -193,11 +241,12 @@ def _check_log(
         if counter is not None:
             c_seq, c_hash = counter
             if seq < c_seq:
-                raise PolicyDenied(
-                    f"the snapshot ends at seq {seq}, behind the token's anti-rollback "
-                    f"counter (seq {c_seq}): refused"
-                )
-            if not ct_equal(snap.get(c_seq).hash, c_hash):
+                if rollback is None:
+                    raise PolicyDenied(
+                        f"the snapshot ends at seq {seq}, behind the token's "
+                        f"anti-rollback counter (seq {c_seq}): refused (see --allow-rollback)"
+                    )
+            elif not ct_equal(snap.get(c_seq).hash, c_hash):
                 raise PolicyDenied(
                     "the snapshot's log forks from the one the token counter names: refused"
                 )
@@ -210,18 +259,26 @@ def _check_log(
                     raise PolicyDenied(
                         f"the snapshot's log forks from the live log at or before seq {common}"
                     )
-                if seq < live_seq:
+                if seq < live_seq and rollback is None:
                     raise PolicyDenied(
-                        f"the snapshot ends at seq {seq}, behind the live log (seq {live_seq}): "
-                        "refused"
+                        f"the snapshot ends at seq {seq}, behind the live log (seq "
+                        f"{live_seq}): refused (see --allow-rollback)"
                     )
             finally:
                 live.close()
+        if rollback is not None:
+            _guard_finalized(snap, live_wal_dir, rollback)
     finally:
         snap.close()
 
 
-def restore_into(home: Path, vb: VerifiedBackup, *, counter: tuple[int, bytes] | None) -> None:
+def restore_into(
+    home: Path,
+    vb: VerifiedBackup,
+    *,
+    counter: tuple[int, bytes] | None,
+    rollback: Rollback | None = None,
+) -> None:
     """(4)-(5): check the log, then swap the state in through a journal."""
     journal = home / JOURNAL
     if journal.exists():
@@ -229,7 +286,11 @@ def restore_into(home: Path, vb: VerifiedBackup, *, counter: tuple[int, bytes] |
     ensure_private_dir(journal)
     try:
         _check_log(
-            vb, journal / "check", home / "wal" if (home / "wal").exists() else None, counter
+            vb,
+            journal / "check",
+            home / "wal" if (home / "wal").exists() else None,
+            counter,
+            rollback,
         )
     except BaseException:
         shutil.rmtree(journal)  # refused before the commit point: leave no trace

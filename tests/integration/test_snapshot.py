@@ -313,3 +313,50 @@ def test_same_state_restore_and_interrupted_journal(
         assert again.keystore.unlocked
     finally:
         again.close()
+
+
+def test_rollback_needs_a_reason_and_never_unfinalizes(
+    backed_up: tuple[Appliance, Path], fresh_token: TokenSpec
+) -> None:
+    from appliance.keys import KeyState
+
+    app, old = backed_up
+    cfg = app.cfg
+    later = app.create_key("ed448", "later")
+    app.checkpoint()
+    app.close()
+
+    def rollback(reason: str | None) -> dict[str, Any]:
+        return restore_backup(
+            cfg,
+            old,
+            pin=fresh_token.pin_secret(),
+            passphrase=SecretBytes(PASSPHRASE),
+            allow_rollback=True,
+            reason=reason,
+        )
+
+    with pytest.raises(PolicyDenied, match="needs a --reason"):
+        rollback(None)
+    out = rollback("the last hour of changes was a mistake")
+    assert out["restored_seq"] < out["previous_seq"]
+    app = Appliance.open(cfg, pin=fresh_token.pin_secret(), passphrase=SecretBytes(PASSPHRASE))
+    try:
+        assert later.key_id not in {k.key_id for k in app.keys()}
+        rec = [r for r in app.wal.records() if r.type == "restore"][-1]
+        assert rec.fields["rollback"] is True
+        assert rec.fields["reason"] == "the last hour of changes was a mistake"
+        assert audit.read_counter(app) == app.wal.head  # the counter follows the new, signed head
+        # now finalize the HYBRID key, then try to roll back to the snapshot where it was HYBRID
+        h1 = app.find("h1")
+        app.migrate(h1, KeyState.PQC_ONLY)
+        app.checkpoint()
+    finally:
+        app.close()
+    with pytest.raises(PolicyDenied, match="may not bring it back"):
+        rollback("try to resurrect the classical key")
+    app = Appliance.open(cfg, pin=fresh_token.pin_secret(), passphrase=SecretBytes(PASSPHRASE))
+    try:
+        assert app.find("h1").state is KeyState.PQC_ONLY
+    finally:
+        app.close()
