@@ -26,6 +26,7 @@ __all__ = [
     "fsync_dir",
     "read_file",
     "remove_stale_temps",
+    "sync_filesystem",
     "write_synced",
 ]
 
@@ -48,6 +49,28 @@ def _durable_sync(fd: int) -> None:
         os.fsync(fd)
     except OSError as exc:
         raise DeviceError(f"fsync failed: {exc.strerror}") from None
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page of the filesystem holding ``path`` (Linux ``syncfs(2)``).
+
+    One call instead of one fsync per file, for bulk writes (a restore stages thousands
+    of blobs) that only need to be durable together before a later commit point.  Falls
+    back to ``os.sync()`` where ``syncfs`` is unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        syncfs = getattr(libc, "syncfs", None)
+        if syncfs is None:
+            os.sync()
+        elif syncfs(fd) != 0:
+            raise DeviceError(f"syncfs failed: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

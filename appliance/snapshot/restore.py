@@ -34,7 +34,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from appliance.audit import AuditKey, audit_keys
 from appliance.errors import CallerError, PolicyDenied, SignatureInvalid
-from appliance.fsio import ensure_private_dir, fault_point, fsync_dir, read_file, write_synced
+from appliance.fsio import (
+    FILE_MODE,
+    ensure_private_dir,
+    fault_point,
+    fsync_dir,
+    read_file,
+    sync_filesystem,
+    write_synced,
+)
 from appliance.secret import ct_equal
 from appliance.snapshot.backup import BACKUP_CONTEXT, FORMAT, VERSION, canonical_json
 from appliance.wal import Wal, verify_chain
@@ -302,10 +310,15 @@ def restore_into(
             continue  # public/ is for verifiers; the appliance rebuilds it from the log
         dst = stage / name
         ensure_private_dir(dst.parent)
-        write_synced(dst, data, point="restore.stage")
-    for d in (stage, stage / "wal", stage / "blobs", journal):
-        if d.exists():
-            fsync_dir(d)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    fault_point("restore.staged")
+    # one syncfs makes every staged file and folder durable before the commit point
+    sync_filesystem(journal)
+    fault_point("restore.synced")
     write_synced(journal / "READY", b"1", point="restore.ready")  # the commit point
     fsync_dir(journal)
     finish_restore(home)
