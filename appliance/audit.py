@@ -183,6 +183,26 @@ def rotate_audit_key(app: Appliance) -> AuditKey:
     return new
 
 
+def rotate_after_token_loss(app: Appliance) -> AuditKey:
+    """After a restore onto a new token the old audit key's Ed25519 half is gone with the old
+    token; its ML-DSA-87 half (recovered with the keystore) alone signs the next key, and the
+    record says so (``recovered: true``).  Verification accepts that one-part signature only
+    on records marked this way."""
+    old = current_audit_key(app)
+    if old is None:
+        return ensure_audit_key(app)
+    new = _make_audit_key(app, old.n + 1)
+    signer = app.keystore.open_mldsa(
+        _audit_id(old.n), expect_public=old.mldsa_public, expect_digest=old.blob_sha3
+    )
+    sig_ml = signer.sign(_rotate_message(new.n, new.ed25519_spki, new.mldsa_public))
+    app.append_record(
+        "audit.rotate", {**new.fields(), "sig_ed25519": b"", "sig_mldsa": sig_ml, "recovered": True}
+    )
+    app.wal.commit()
+    return new
+
+
 def checkpoint(app: Appliance) -> WalRecord:
     """Sign the head with the audit key, append the checkpoint, then raise the token counter."""
     if not app.keystore.unlocked:
@@ -252,6 +272,7 @@ class AuditReport:
     checkpoints: int = 0
     last_checkpoint_seq: int | None = None
     unsigned_tail: int = 0
+    recovered_rotations: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -262,6 +283,7 @@ class AuditReport:
             "checkpoints": self.checkpoints,
             "last_checkpoint_seq": self.last_checkpoint_seq,
             "unsigned_tail": self.unsigned_tail,
+            "recovered_rotations": self.recovered_rotations,
         }
 
 
@@ -295,11 +317,23 @@ def verify_audit(wal_dir: Path, *, anchor: str | None = None) -> AuditReport:
                     raise SignatureInvalid(
                         f"seq {rec.seq}: audit key {new.n} does not follow {key.n}"
                     )
-                key.verify(
-                    _rotate_message(new.n, new.ed25519_spki, new.mldsa_public),
-                    bytes(f.get("sig_ed25519", b"")),
-                    bytes(f.get("sig_mldsa", b"")),
-                )
+                message = _rotate_message(new.n, new.ed25519_spki, new.mldsa_public)
+                if f.get("recovered") is True:
+                    # the old Ed25519 half was lost with its token (restore onto a new one):
+                    # the ML-DSA-87 half alone vouches for the next key, and says so
+                    try:
+                        active_backend().mldsa87_verify(
+                            key.mldsa_public, message, bytes(f.get("sig_mldsa", b""))
+                        )
+                    except (SignatureInvalid, CallerError):
+                        raise SignatureInvalid(
+                            f"seq {rec.seq}: recovered rotation does not verify"
+                        ) from None
+                    report.recovered_rotations += 1
+                else:
+                    key.verify(
+                        message, bytes(f.get("sig_ed25519", b"")), bytes(f.get("sig_mldsa", b""))
+                    )
                 key = new
                 report.audit_keys.append(key.fingerprint())
             elif rec.type == "checkpoint":

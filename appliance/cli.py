@@ -500,8 +500,11 @@ def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.snapshot.recovery_key import load_recovery_public
+
+    ek = load_recovery_public(Path(args.recovery_key)) if args.recovery_key else None
     with _open(args, cfg, unlock=True) as app:
-        info = app.backup(Path(args.out).absolute() if args.out else None)
+        info = app.backup(Path(args.out).absolute() if args.out else None, recovery_ek=ek)
     if args.json:
         _emit_json(
             {
@@ -519,6 +522,16 @@ def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_recovery_key_create(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.pqc import active_backend
+    from appliance.snapshot.recovery_key import create_recovery_key
+
+    seed, pub = create_recovery_key(active_backend(), Path(args.out).absolute())
+    print(f"recovery key: private seed {seed} (0600: move it offline), public key {pub}")
+    print("give the public key to `pqhsm backup --recovery-key`")
+    return 0
+
+
 def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
     from appliance.service import restore_backup
     from appliance.snapshot import read_fingerprints
@@ -527,7 +540,10 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
         raise NotInitialized(
             f"{cfg.home}: no config.toml (a restore needs the token configuration)"
         )
+    from appliance.snapshot.recovery_key import load_recovery_seed
+
     trusted = tuple(read_fingerprints(Path(args.trusted_keys))) if args.trusted_keys else ()
+    recovery_seed = load_recovery_seed(Path(args.recovery_seed)) if args.recovery_seed else None
     pin = _pin(args, cfg)
     passphrase = (
         _passphrase(args, cfg)
@@ -543,11 +559,14 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
             trusted_fingerprints=trusted,
             allow_rollback=args.allow_rollback,
             reason=args.reason,
+            recovery_seed=recovery_seed,
         )
     finally:
         pin.wipe()
         if passphrase is not None:
             passphrase.wipe()
+        if recovery_seed is not None:
+            recovery_seed.wipe()
     if args.json:
         _emit_json(out)
     else:
@@ -555,6 +574,10 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
             f"restored WAL seq {out['restored_seq']} (was {out['previous_seq']}), "
             f"{out['keys']} key(s); signer {out['signer'][:16]}…"
         )
+        for label in out["unrecoverable_classical_keys"]:
+            print(
+                f"unrecoverable by design: {label!r} (its classical key lived only in the old token)"
+            )
     return 0
 
 
@@ -988,6 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", help="directory (content-addressed name) or file; default: next to the home"
     )
+    p.add_argument("--recovery-key", help="recovery-key.pub: also seal the keystore seed to it")
     _secret_args(p)
     p = cmd("restore", cmd_restore, "verify a backup completely, then restore it", json_=True)
     p.add_argument("path", help="the backup .tar.gz")
@@ -998,6 +1022,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="permit a snapshot older than the live log (never un-finalizes a key)",
     )
     p.add_argument("--reason", help="why (required with --allow-rollback; kept in the log)")
+    p.add_argument("--recovery-seed", help="recovery officer's seed file: restore onto a new token")
+    rk = sub.add_parser("recovery-key", help="offline recovery-officer key").add_subparsers(
+        dest="rk_command", required=True, metavar="ACTION"
+    )
+    p = cmd("create", cmd_recovery_key_create, "make an ML-KEM-1024 recovery keypair", rk)
+    p.add_argument("--out", required=True, help="folder for recovery-key.seed and recovery-key.pub")
     _secret_args(p)
 
     pp = sub.add_parser("passphrase", help="keystore passphrase").add_subparsers(

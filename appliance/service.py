@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 
 from appliance.algorithms import ClassicalAlg, parse_alg
-from appliance.audit import check_anti_rollback, checkpoint, ensure_audit_key, rotate_audit_key
+from appliance.audit import (
+    check_anti_rollback,
+    checkpoint,
+    ensure_audit_key,
+    rotate_after_token_loss,
+    rotate_audit_key,
+)
 from appliance.config import Config, write_config
 from appliance.errors import (
     CallerError,
@@ -263,9 +269,9 @@ class Appliance:
 
     # -- snapshots -------------------------------------------------------------------------------
 
-    def backup(self, out: Path | None = None) -> BackupInfo:
+    def backup(self, out: Path | None = None, *, recovery_ek: bytes | None = None) -> BackupInfo:
         """A signed snapshot of the log, keystore header, blobs and public keys."""
-        return create_backup(self, out)
+        return create_backup(self, out, recovery_ek=recovery_ek)
 
     # -- migration -------------------------------------------------------------------------------
 
@@ -715,8 +721,13 @@ def restore_backup(
     trusted_fingerprints: tuple[str, ...] = (),
     allow_rollback: bool = False,
     reason: str | None = None,
+    recovery_seed: SecretBytes | None = None,
 ) -> dict[str, Any]:
     """Verify a backup completely, then swap it in and record the restore in the log.
+
+    ``recovery_seed`` (the offline recovery officer's ML-KEM-1024 seed) restores onto a new
+    token: the KEM seed is re-sealed with the new token's wrap key, classical keys are
+    reported as unrecoverable by name, and the audit key is rotated by its ML-DSA half.
 
     Trusted signers: the audit keys of the live log, plus ``trusted_fingerprints`` (for a
     disaster recovery onto an empty home).  Nothing is written unless every check passes.
@@ -751,6 +762,11 @@ def restore_backup(
         trusted_fingerprints=trusted_fingerprints,
     )
     ensure_private_dir(cfg.home)
+    onto_new_token = recovery_seed is not None
+    if recovery_seed is not None:
+        _reseal_for_new_token(cfg, vb.files, pin=pin, recovery_seed=recovery_seed)
+    else:
+        _check_same_token(cfg, vb.files["keystore.cbor"], pin=pin)
     restore_into(cfg.home, vb, counter=counter, rollback=rollback)
     app = Appliance.open(
         cfg, pin=pin, passphrase=passphrase, _after_rollback_restore=rollback is not None
@@ -766,7 +782,15 @@ def restore_backup(
         }
         if reason:
             fields["reason"] = reason
+        unrecoverable = sorted(
+            app.key(i).label for i in app.damaged if i in {k.key_id for k in app.keys()}
+        )
+        if onto_new_token:
+            fields["new_token"] = True
+            fields["unrecoverable"] = unrecoverable
         app._commit("restore", fields)
+        if onto_new_token and app.keystore.unlocked:
+            rotate_after_token_loss(app)  # the old audit key's Ed25519 half stayed in the old token
         if app.keystore.unlocked:
             app.checkpoint()  # after a rollback this also moves the token counter to the new head
         return {
@@ -775,6 +799,52 @@ def restore_backup(
             "keys": len(app.keys()),
             "signer": vb.signer.fingerprint(),
             "damaged": dict(app.damaged),
+            "unrecoverable_classical_keys": unrecoverable if onto_new_token else [],
         }
     finally:
         app.close()
+
+
+def _reseal_for_new_token(
+    cfg: Config, files: dict[str, bytes], *, pin: SecretBytes, recovery_seed: SecretBytes
+) -> None:
+    """Open the backup's recovery-sealed KEM seed and seal it with the new token's wrap key."""
+    from appliance.keystore.store import KeystoreHeader
+    from appliance.snapshot.recovery_key import open_seed
+
+    sealed = files.get("recovery/kem-seed.sealed")
+    if sealed is None:
+        raise CallerError(
+            "this backup carries no recovery-sealed seed (it was made without "
+            "--recovery-key); it can only be restored onto its own token"
+        )
+    header = KeystoreHeader.decode(files["keystore.cbor"], cfg.home / "keystore.cbor")
+    pqc = active_backend()
+    token = Pkcs11Token.open(cfg.token, pin)
+    try:
+        with open_seed(pqc, recovery_seed, sealed, header.keystore_id) as seed:
+            files["keystore.cbor"] = Keystore(cfg.home, token, pqc).header_for_new_token(
+                files["keystore.cbor"], seed
+            )
+    finally:
+        token.close()
+
+
+def _check_same_token(cfg: Config, header_bytes: bytes, *, pin: SecretBytes) -> None:
+    """Refuse, before anything is written, a backup whose KEM seed this token cannot unwrap."""
+    from appliance.errors import BlobInvalid, TokenNotPresent
+    from appliance.keystore.store import SEED_AAD, KeystoreHeader
+
+    header = KeystoreHeader.decode(header_bytes, cfg.home / "keystore.cbor")
+    token = Pkcs11Token.open(cfg.token, pin)
+    try:
+        token.wrap_decrypt(
+            header.twk_label, header.seed_sealed, SEED_AAD + header.keystore_id
+        ).wipe()
+    except (BlobInvalid, TokenNotPresent):
+        raise PolicyDenied(
+            "this backup's keystore belongs to another token; restoring onto a new "
+            "token needs the recovery officer's --recovery-seed"
+        ) from None
+    finally:
+        token.close()

@@ -231,6 +231,31 @@ class Keystore:
             raise BlobInvalid("keystore header does not match the token's KEM key")
         return decaps
 
+    def unwrap_seed(self) -> SecretBytes:
+        """The ML-KEM-1024 seed, unwrapped by the token (for a recovery-key backup only).
+
+        Security: the caller wipes it as soon as it is sealed again.
+        """
+        header = self.header()
+        return self._token.wrap_decrypt(
+            header.twk_label, header.seed_sealed, SEED_AAD + header.keystore_id
+        )
+
+    def header_for_new_token(self, header_bytes: bytes, seed: SecretBytes) -> bytes:
+        """Re-seal a backup's KEM seed with this (new) token's wrap key; same keystore otherwise.
+
+        :raises BlobInvalid: the seed does not reproduce the header's encapsulation key.
+        """
+        old = KeystoreHeader.decode(header_bytes, self.path)
+        if not ct_equal(self._pqc.mlkem1024_from_seed(seed.view()).encapsulation_key(), old.ek):
+            raise BlobInvalid("the recovered KEM seed does not match the backup's keystore")
+        self._token.ensure_wrap_key(old.twk_label)
+        sealed = self._token.wrap_encrypt(old.twk_label, seed, SEED_AAD + old.keystore_id)
+        new = KeystoreHeader(
+            old.keystore_id, old.created, old.twk_label, old.ek, sealed, old.kdf, old.check
+        )
+        return new.encode()
+
     def unlock(self, passphrase: SecretBytes) -> None:
         """Unwrap the KEM key in the token and derive the passphrase key.
 

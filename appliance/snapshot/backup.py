@@ -65,8 +65,14 @@ def _public_pems(app: Appliance, key: KeyInfo) -> bytes:
         return b""
 
 
-def create_backup(app: Appliance, out: Path | None = None) -> BackupInfo:
-    """Write a signed backup; ``out`` is a directory (content-addressed name) or a file path."""
+def create_backup(
+    app: Appliance, out: Path | None = None, *, recovery_ek: bytes | None = None
+) -> BackupInfo:
+    """Write a signed backup; ``out`` is a directory (content-addressed name) or a file path.
+
+    ``recovery_ek`` (an offline recovery-officer ML-KEM-1024 public key) adds the keystore's
+    KEM seed sealed to it, so post-quantum keys can be restored onto a new token.
+    """
     if not app.keystore.unlocked:
         raise CallerError("a backup is signed with the audit key's ML-DSA half: unlock first")
     with app._lock:  # one WAL position: nothing appends while we copy
@@ -85,6 +91,13 @@ def create_backup(app: Appliance, out: Path | None = None) -> BackupInfo:
             pem = _public_pems(app, k)
             if pem:
                 files[f"public/{k.key_id}.pem"] = pem
+        if recovery_ek is not None:
+            from appliance.snapshot.recovery_key import seal_seed
+
+            with app.keystore.unwrap_seed() as seed:
+                files["recovery/kem-seed.sealed"] = seal_seed(
+                    app.pqc, recovery_ek, seed, app.keystore.header().keystore_id
+                )
     created_ms = time.time_ns() // 1_000_000
     body: dict[str, Any] = {
         "format": FORMAT,

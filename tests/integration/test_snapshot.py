@@ -360,3 +360,76 @@ def test_rollback_needs_a_reason_and_never_unfinalizes(
         assert app.find("h1").state is KeyState.PQC_ONLY
     finally:
         app.close()
+
+
+def test_disaster_recovery_onto_a_new_token_with_the_recovery_key(
+    appliance: Appliance, tmp_path: Path
+) -> None:
+    from appliance.pqc import active_backend
+    from appliance.snapshot.recovery_key import (
+        create_recovery_key,
+        load_recovery_public,
+        load_recovery_seed,
+    )
+
+    app = appliance
+    app.create_key("ecdsa-p256", "classical-only")
+    app.migrate(
+        app.create_key("ed25519", "hybrid"), __import__("appliance.keys").keys.KeyState.HYBRID
+    )
+    pq = app.create_key("ml-dsa-87", "pq")
+    seed_path, pub_path = create_recovery_key(active_backend(), tmp_path / "officer")
+    assert seed_path.stat().st_mode & 0o777 == 0o600
+    signer = audit.current_audit_key(app)
+    assert signer is not None
+    plain = app.backup(tmp_path)  # no recovery seal
+    sealed = app.backup(tmp_path / "sealed.tar.gz", recovery_ek=load_recovery_public(pub_path))
+    pq_pub = Appliance.public_key_pem_of(pq)
+    app.close()
+    # the old token is gone: a new token, a new disk
+    new = new_token()
+    home = tmp_path / "new-site"
+    home.mkdir(mode=0o700)
+    cfg = make_config(home, new)
+    write_config(cfg)
+    trusted = (signer.fingerprint(),)
+    with pytest.raises(PolicyDenied, match="belongs to another token"):
+        restore_backup(
+            cfg,
+            plain.path,
+            pin=new.pin_secret(),
+            passphrase=SecretBytes(PASSPHRASE),
+            trusted_fingerprints=trusted,
+        )
+    assert not (home / "wal").exists()
+    with pytest.raises(Exception, match="no recovery-sealed seed"):
+        restore_backup(
+            cfg,
+            plain.path,
+            pin=new.pin_secret(),
+            passphrase=SecretBytes(PASSPHRASE),
+            trusted_fingerprints=trusted,
+            recovery_seed=load_recovery_seed(seed_path),
+        )
+    out = restore_backup(
+        cfg,
+        sealed.path,
+        pin=new.pin_secret(),
+        passphrase=SecretBytes(PASSPHRASE),
+        trusted_fingerprints=trusted,
+        recovery_seed=load_recovery_seed(seed_path),
+    )
+    assert out["unrecoverable_classical_keys"] == ["classical-only", "hybrid"]  # by design, by name
+    back = Appliance.open(cfg, pin=new.pin_secret(), passphrase=SecretBytes(PASSPHRASE))
+    try:
+        from appliance.signing.policy import Policy, load_public_keys, verify
+
+        verify(
+            load_public_keys(pq_pub), b"m", back.sign(back.find("pq"), b"m"), policy=Policy.STRICT
+        )
+        report = audit.verify_audit(back.wal.directory)
+        assert report.recovered_rotations == 1
+        assert report.unsigned_tail == 0
+        assert set(back.damaged) == {back.find("classical-only").key_id, back.find("hybrid").key_id}
+    finally:
+        back.close()
