@@ -576,7 +576,8 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
         )
         for label in out["unrecoverable_classical_keys"]:
             print(
-                f"unrecoverable by design: {label!r} (its classical key lived only in the old token)"
+                f"unrecoverable by design: {label!r} "
+                "(its classical key lived only in the old token)"
             )
     return 0
 
