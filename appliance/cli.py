@@ -39,7 +39,7 @@ from appliance.keystore import KDF_NAMES, PBKDF2_SHA3, calibrate
 from appliance.secret import SecretBytes, read_secret_fd
 from appliance.service import Appliance, supported_key_types
 
-__all__ = ["main"]
+__all__ = ["get_secret", "main", "read_passphrase", "read_pin"]
 
 MAX_INPUT = 64 << 20
 
@@ -146,7 +146,7 @@ def _flag(what: str) -> str:
     return "pin" if "PIN" in what else "passphrase"
 
 
-def _pin(args: argparse.Namespace, cfg: Config) -> SecretBytes:
+def read_pin(args: argparse.Namespace, cfg: Config) -> SecretBytes:
     return get_secret(
         "token PIN",
         fd=args.pin_fd,
@@ -156,7 +156,7 @@ def _pin(args: argparse.Namespace, cfg: Config) -> SecretBytes:
     )
 
 
-def _passphrase(args: argparse.Namespace, cfg: Config) -> SecretBytes:
+def read_passphrase(args: argparse.Namespace, cfg: Config) -> SecretBytes:
     return get_secret(
         "keystore passphrase",
         fd=args.passphrase_fd,
@@ -233,8 +233,8 @@ def _offline_find(cfg: Config, selector: str) -> KeyInfo:
 
 def _open(args: argparse.Namespace, cfg: Config, *, unlock: bool) -> Appliance:
     _require_home(cfg)
-    pin = _pin(args, cfg)
-    passphrase = _passphrase(args, cfg) if unlock else None
+    pin = read_pin(args, cfg)
+    passphrase = read_passphrase(args, cfg) if unlock else None
     try:
         return Appliance.open(cfg, pin=pin, passphrase=passphrase)
     finally:
@@ -268,7 +268,7 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
         passphrase = _generate_secret(passphrase_file, 32)
         so_pin = _generate_secret(secrets_dir / "so-pin", 16)
     else:
-        pin = _pin(args, cfg)
+        pin = read_pin(args, cfg)
         passphrase = get_secret(
             "keystore passphrase",
             fd=args.passphrase_fd,
@@ -544,9 +544,9 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
 
     trusted = tuple(read_fingerprints(Path(args.trusted_keys))) if args.trusted_keys else ()
     recovery_seed = load_recovery_seed(Path(args.recovery_seed)) if args.recovery_seed else None
-    pin = _pin(args, cfg)
+    pin = read_pin(args, cfg)
     passphrase = (
-        _passphrase(args, cfg)
+        read_passphrase(args, cfg)
         if (args.passphrase_file or args.passphrase_fd or cfg.passphrase_file)
         else None
     )
@@ -584,8 +584,8 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_passphrase_change(args: argparse.Namespace, cfg: Config) -> int:
     _require_home(cfg)
-    pin = _pin(args, cfg)
-    old = _passphrase(args, cfg)
+    pin = read_pin(args, cfg)
+    old = read_passphrase(args, cfg)
     new = get_secret(
         "new keystore passphrase",
         fd=args.new_passphrase_fd,

@@ -597,6 +597,9 @@ class Appliance:
         keystore is locked, or the appliance closes.
         """
         with self._lock:
+            if not self.keystore.unlocked:  # a lock must stop cached signers too
+                self._signers.clear()
+                raise StateError("keystore is locked")
             hit = self._signers.get(key.key_id)
             if hit is not None and hit[0] == key.blob_sha3:
                 self._signers.move_to_end(key.key_id)
@@ -675,10 +678,6 @@ COMPOSITE_TYPES: Final = tuple(a.value for a in composite.CompositeAlg)
 
 def supported_key_types() -> list[str]:
     return [a.value for a in ClassicalAlg] + ["ml-dsa-87", *COMPOSITE_TYPES]
-
-
-def home_is_initialized(home: Path) -> bool:
-    return (home / "keystore.cbor").exists()
 
 
 def _live_parts(key: KeyInfo) -> list[str]:

@@ -220,18 +220,3 @@ def verify(
     if context:
         raise CallerError("a context applies to ML-DSA signatures only")
     verify_signature(keys.classical, message, signature)
-
-
-def fingerprint(keys: PublicKeys) -> str:
-    """SHA3-256 over the DER of every part (for display)."""
-    h = hashlib.sha3_256()
-    for k in (keys.classical, keys.mldsa):
-        if k is not None:
-            h.update(
-                k.public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-            )
-    if keys.composite is not None:
-        h.update(keys.composite[1])
-    return h.hexdigest()

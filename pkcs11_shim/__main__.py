@@ -1,0 +1,86 @@
+"""``python -m pkcs11_shim serve --home DIR --socket PATH``: the PKCS#11 front end.
+
+Secrets come exactly as for the ``pqhsm`` command: ``--pin-file``/``--pin-fd``, the
+config's PIN file, ``$PQHSM_TOKEN_PIN`` (CI only) or the terminal.  The keystore
+passphrase is asked for only with ``--unlock`` (classical signing does not need it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance.cli import read_passphrase, read_pin
+from appliance.config import load_config, resolve_home
+from appliance.errors import ApplianceError
+from appliance.secret import SecretBytes
+from appliance.service import Appliance
+from pkcs11_shim.model import Pkcs11Model
+from pkcs11_shim.server import Server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pkcs11_shim")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve the appliance over the p11-kit RPC protocol")
+    p.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
+    p.add_argument("--socket", required=True, help="Unix socket path (its directory: 0700)")
+    p.add_argument("--pin-file", help="file holding the token PIN (mode 0600)")
+    p.add_argument("--pin-fd", type=int, help="read the token PIN from this file descriptor")
+    p.add_argument("--unlock", action="store_true", help="also unlock the keystore")
+    p.add_argument("--passphrase-file", help="file holding the keystore passphrase (0600)")
+    p.add_argument("--passphrase-fd", type=int, help="read the passphrase from this fd")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Open the appliance, serve until SIGINT/SIGTERM, close everything."""
+    cfg = load_config(resolve_home(args.home))
+    pin = read_pin(args, cfg)
+    passphrase = read_passphrase(args, cfg) if args.unlock else None
+    client_pin = SecretBytes(pin.view())  # interim client PIN (see pkcs11_shim.model)
+    try:
+        app = Appliance.open(cfg, pin=pin, passphrase=passphrase)
+    except BaseException:
+        client_pin.wipe()
+        raise
+    finally:
+        pin.wipe()
+        if passphrase is not None:
+            passphrase.wipe()
+    model = Pkcs11Model(app, client_pin=client_pin)
+    server = Server(model, Path(args.socket))
+    try:
+        server.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: server.close())
+        print(f"P11_KIT_SERVER_ADDRESS={server.address}", flush=True)  # noqa: T201
+        server.wait()
+    finally:
+        server.close()
+        model.close()
+        app.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="pkcs11_shim: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return serve(args)
+    except ApplianceError as exc:
+        print(f"error: {exc} [CKR_{exc.ckr.name}]", file=sys.stderr)  # noqa: T201
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Dispatch one p11-kit RPC request body to the :class:`~pkcs11_shim.model.Client`.
+
+The table maps call ids to the request and reply signatures of the p11-kit 0.24 client
+(DESIGN §8) and a handler.  A call that is not in the table gets an error reply with
+``CKR_FUNCTION_NOT_SUPPORTED``; a request whose signature differs from the table, or that
+does not parse, raises :class:`~pkcs11_shim.rpc.ProtocolError` (the server closes that
+connection).  Every other failure becomes an error reply (STYLE §4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from appliance.errors import CKR, ApplianceError, to_ckr
+from pkcs11_shim.model import MECHANISMS, CkrError, Client
+from pkcs11_shim.rpc import ProtocolError, Reader, Writer, error_body
+
+__all__ = ["CALLS", "Call", "dispatch"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Client, Reader, Writer], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One supported call: its name, request and reply signatures and handler."""
+
+    name: str
+    request: str
+    reply: str
+    handler: Handler
+
+
+def _initialize(c: Client, r: Reader, w: Writer) -> None:
+    handshake = r.ay()
+    r.y()
+    r.ay()
+    r.done()
+    c.initialize(handshake)
+
+
+def _finalize(c: Client, r: Reader, w: Writer) -> None:
+    r.done()
+    c.finalize()
+
+
+def _get_info(c: Client, r: Reader, w: Writer) -> None:
+    r.done()
+    c.check_ready()
+    w.v(2, 40).s("pqhsm", 32).u(0).s("pqhsm p11-kit front end", 32).v(0, 1)
+
+
+def _ulong_list(w: Writer, values: list[int], size: int | None) -> None:
+    if size is None or size < len(values):
+        w.au(None, len(values))  # size query, or CKR_BUFFER_TOO_SMALL on the client side
+    else:
+        w.au(values)
+
+
+def _byte_out(w: Writer, data: bytes, size: int | None) -> None:
+    if size is None or size < len(data):
+        w.ay(None, len(data))
+    else:
+        w.ay(data)
+
+
+def _get_slot_list(c: Client, r: Reader, w: Writer) -> None:
+    r.y()
+    size = r.fu()
+    r.done()
+    _ulong_list(w, c.slot_list(), size)
+
+
+def _get_slot_info(c: Client, r: Reader, w: Writer) -> None:
+    slot = r.u()
+    r.done()
+    c.check_slot(slot)
+    w.s("pqhsm appliance slot", 64).s("pqhsm", 32).u(0x1).v(0, 1).v(0, 1)
+
+
+def _get_token_info(c: Client, r: Reader, w: Writer) -> None:
+    slot = r.u()
+    r.done()
+    c.check_slot(slot)
+    m = c.model
+    flags = 0x1 | 0x4 | 0x8 | 0x400  # RNG, LOGIN_REQUIRED, USER_PIN_INITIALIZED, INITIALIZED
+    unavailable = 0xFFFFFFFFFFFFFFFF
+    w.s(m.label, 32).s("pqhsm", 32).s("pqhsm appliance", 16).s(m.serial, 16).u(flags)
+    w.u(0).u(unavailable).u(0).u(unavailable).u(255).u(4)
+    w.u(unavailable).u(unavailable).u(unavailable).u(unavailable)
+    w.v(0, 1).v(0, 1).s("", 16)
+
+
+def _get_mechanism_list(c: Client, r: Reader, w: Writer) -> None:
+    slot = r.u()
+    size = r.fu()
+    r.done()
+    c.check_slot(slot)
+    _ulong_list(w, sorted(MECHANISMS), size)
+
+
+def _get_mechanism_info(c: Client, r: Reader, w: Writer) -> None:
+    slot = r.u()
+    mech = r.u()
+    r.done()
+    lo, hi, flags = c.mechanism_info(slot, mech)
+    w.u(lo).u(hi).u(flags)
+
+
+def _open_session(c: Client, r: Reader, w: Writer) -> None:
+    slot = r.u()
+    flags = r.u()
+    r.done()
+    w.u(c.open_session(slot, flags))
+
+
+def _close_session(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    r.done()
+    c.close_session(s)
+
+
+def _close_all_sessions(c: Client, r: Reader, w: Writer) -> None:
+    slot = r.u()
+    r.done()
+    c.close_all_sessions(slot)
+
+
+def _get_session_info(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    r.done()
+    slot, state, flags, err = c.session_info(s)
+    w.u(slot).u(state).u(flags).u(err)
+
+
+def _login(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    user = r.u()
+    pin = r.ay()
+    r.done()
+    c.login(s, user, pin)
+
+
+def _logout(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    r.done()
+    c.logout(s)
+
+
+def _get_attribute_value(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    obj = r.u()
+    template = r.fa()
+    r.done()
+    attrs, rv = c.get_attributes(s, obj, template)
+    w.aa(attrs).u(rv)
+
+
+def _find_objects_init(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    template = r.aa()
+    r.done()
+    c.find_init(s, template)
+
+
+def _find_objects(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    size = r.fu()
+    r.done()
+    w.au(c.find(s, size or 0))
+
+
+def _find_objects_final(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    r.done()
+    c.find_final(s)
+
+
+def _sign_init(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    mech = r.m()
+    key = r.u()
+    r.done()
+    c.sign_init(s, mech, key)
+
+
+def _sign(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    data = r.ay()
+    size = r.fy()
+    r.done()
+    need = c.sign_length(s)
+    if size is None or size < need:
+        w.ay(None, need)  # the operation stays active (PKCS#11 5.2 size conventions)
+        return
+    w.ay(c.sign(s, data))
+
+
+def _generate_random(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    size = r.fy()
+    r.done()
+    data = c.random(s, size or 0)
+    _byte_out(w, data, size)
+
+
+CALLS: Final[dict[int, Call]] = {
+    1: Call("C_Initialize", "ayyay", "", _initialize),
+    2: Call("C_Finalize", "", "", _finalize),
+    3: Call("C_GetInfo", "", "vsusv", _get_info),
+    4: Call("C_GetSlotList", "yfu", "au", _get_slot_list),
+    5: Call("C_GetSlotInfo", "u", "ssuvv", _get_slot_info),
+    6: Call("C_GetTokenInfo", "u", "ssssuuuuuuuuuuuvvs", _get_token_info),
+    7: Call("C_GetMechanismList", "ufu", "au", _get_mechanism_list),
+    8: Call("C_GetMechanismInfo", "uu", "uuu", _get_mechanism_info),
+    10: Call("C_OpenSession", "uu", "u", _open_session),
+    11: Call("C_CloseSession", "u", "", _close_session),
+    12: Call("C_CloseAllSessions", "u", "", _close_all_sessions),
+    13: Call("C_GetSessionInfo", "u", "uuuu", _get_session_info),
+    18: Call("C_Login", "uuay", "", _login),
+    19: Call("C_Logout", "u", "", _logout),
+    24: Call("C_GetAttributeValue", "uufA", "aAu", _get_attribute_value),
+    26: Call("C_FindObjectsInit", "uaA", "", _find_objects_init),
+    27: Call("C_FindObjects", "ufu", "au", _find_objects),
+    28: Call("C_FindObjectsFinal", "u", "", _find_objects_final),
+    42: Call("C_SignInit", "uMu", "", _sign_init),
+    43: Call("C_Sign", "uayfy", "ay", _sign),
+    64: Call("C_GenerateRandom", "ufy", "ay", _generate_random),
+}
+
+#: Request signatures of the supported calls (for generic decoding).
+REQUEST_SIGNATURES: Final = {k: v.request for k, v in CALLS.items()}
+
+
+def dispatch(client: Client, body: bytes) -> bytes:
+    """Run one request body and return the reply body.
+
+    :raises ProtocolError: the body does not parse or its signature does not match the
+        call; the caller closes the connection.
+    """
+    reader = Reader(body)
+    call = CALLS.get(reader.call_id)
+    if call is None:
+        log.info("unsupported call id %d", reader.call_id)
+        return error_body(CKR.FUNCTION_NOT_SUPPORTED)
+    if reader.signature != call.request:
+        raise ProtocolError(f"{call.name}: signature mismatch")
+    writer = Writer(reader.call_id, call.reply)
+    try:
+        call.handler(client, reader, writer)
+    except ProtocolError:
+        raise
+    except CkrError as exc:
+        log.debug("%s -> 0x%x", call.name, exc.rv)
+        return error_body(exc.rv)
+    except ApplianceError as exc:
+        log.info("%s failed: %s [%s]", call.name, type(exc).__name__, exc.ckr.name)
+        return error_body(to_ckr(exc))
+    except Exception as exc:
+        log.exception("%s: internal error %s", call.name, type(exc).__name__)
+        return error_body(to_ckr(exc))
+    return writer.body()

@@ -1,0 +1,184 @@
+"""p11-kit RPC server on a Unix socket (DESIGN §8).
+
+The socket file is 0600 inside a directory only its owner can enter (0700), and every
+peer's uid (``SO_PEERCRED``) must be ours or root's.  One thread serves each connection:
+after the one-byte version handshake (the client offers a version, we answer 0), the
+client sends frames as three writes (header, options, body), read here with exact
+lengths.  A frame that does not parse closes that connection only; every other client
+keeps being served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+from pathlib import Path
+from typing import Final
+
+from appliance.errors import ConfigError
+from pkcs11_shim.dispatch import dispatch
+from pkcs11_shim.model import Client, Pkcs11Model
+from pkcs11_shim.rpc import HEADER, Header, ProtocolError, encode_frame
+
+__all__ = ["Server"]
+
+log = logging.getLogger(__name__)
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+PROTOCOL_VERSION: Final = 0
+MAX_CONNECTIONS: Final = 64
+
+
+class _Closed(Exception):
+    """The peer closed the connection."""
+
+
+def _recv_exact(sock: socket.socket, n: int, *, at_start: bool = False) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            if at_start and not buf:
+                raise _Closed
+            raise ProtocolError("connection closed inside a message")
+        buf += chunk
+    return bytes(buf)
+
+
+def _check_socket_dir(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+    st = directory.stat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"{directory}: the socket directory must be ours and mode 0700")
+
+
+class Server:
+    """Serves a :class:`Pkcs11Model` on ``socket_path`` until :meth:`close`."""
+
+    def __init__(self, model: Pkcs11Model, socket_path: Path) -> None:
+        self.model = model
+        self.path = Path(socket_path).absolute()
+        self._sock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._acceptor: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        """The value for ``P11_KIT_SERVER_ADDRESS``."""
+        return f"unix:path={self.path}"
+
+    def start(self) -> None:
+        """Bind and listen, then accept connections in a background thread."""
+        _check_socket_dir(self.path.parent)
+        if self.path.is_socket():
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        self._sock = sock
+        self._acceptor = threading.Thread(target=self._accept_loop, name="p11-accept", daemon=True)
+        self._acceptor.start()
+        log.info("serving PKCS#11 on %s", self.path)
+
+    def wait(self) -> None:
+        """Block until :meth:`close` is called."""
+        self._closing.wait()
+
+    def close(self) -> None:
+        """Stop accepting, close every connection and remove the socket file."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        for t in threads:
+            t.join(timeout=5)
+        if self._acceptor is not None and self._acceptor is not threading.current_thread():
+            self._acceptor.join(timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        log.info("PKCS#11 server stopped")
+
+    def _accept_loop(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        while not self._closing.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                break
+            if not self._peer_allowed(conn):
+                conn.close()
+                continue
+            t = threading.Thread(target=self._serve, args=(conn,), name="p11-conn", daemon=True)
+            with self._lock:
+                if self._closing.is_set():
+                    conn.close()
+                    break
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    log.warning("refused a PKCS#11 client: %d connections open", MAX_CONNECTIONS)
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+                self._threads.add(t)
+            t.start()
+
+    @staticmethod
+    def _peer_allowed(conn: socket.socket) -> bool:
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        except OSError:
+            return False
+        _pid, uid, _gid = _PEERCRED.unpack(creds)
+        if uid not in (os.getuid(), 0):
+            log.warning("refused a PKCS#11 client with uid %d", uid)
+            return False
+        return True
+
+    def _serve(self, conn: socket.socket) -> None:
+        client = Client(self.model)
+        try:
+            version = _recv_exact(conn, 1, at_start=True)[0]
+            log.debug("client offers protocol version %d", version)
+            conn.sendall(bytes((PROTOCOL_VERSION,)))
+            while not self._closing.is_set():
+                header = Header.parse(_recv_exact(conn, HEADER.size, at_start=True))
+                _recv_exact(conn, header.options_len)  # the client's module name
+                body = _recv_exact(conn, header.body_len)
+                reply = dispatch(client, body)
+                conn.sendall(encode_frame(header.code, reply))
+        except _Closed:
+            pass
+        except ProtocolError as exc:
+            log.warning("closing a PKCS#11 connection: %s", exc)
+        except OSError as exc:
+            if not self._closing.is_set():
+                log.info("PKCS#11 connection ended: %s", type(exc).__name__)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
+            conn.close()
