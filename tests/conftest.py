@@ -26,6 +26,8 @@ from appliance.secret import SecretBytes
 from appliance.token.initdev import init_token
 from appliance.token.softhsm import SOFTHSM_MODULES
 
+pytest_plugins = ["pytester"]  # for testing the shipped pqhsm pytest plugin
+
 PIN = b"1234-test-pin"
 SO_PIN = b"5678-test-so-pin"
 PASSPHRASE = b"correct horse battery staple"
