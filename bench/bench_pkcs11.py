@@ -1,0 +1,155 @@
+"""PKCS#11 throughput: ECDSA P-256 through p11-kit-client.so vs python-pkcs11 on SoftHSM2.
+
+Run: ``.venv/bin/python bench/bench_pkcs11.py [SECONDS]`` (about 30 s).  One appliance on an
+embedded SoftHSM2 token serves its PKCS#11 server; client processes load Debian's
+``p11-kit-client.so`` and sign SHA-256 digests with ``CKM_ECDSA`` for SECONDS each.  The
+baseline, in the same run, is one process signing with python-pkcs11 directly on the same
+SoftHSM2 token.  Prints signs/s and p50/p99 latency per setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+
+WORKER = r"""
+import json, os, sys, time, hashlib
+import pkcs11
+from pkcs11 import Attribute, Mechanism, ObjectClass
+module, label, pin, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+lib = pkcs11.lib(module)
+token = next(s.get_token() for s in lib.get_slots(token_present=True))
+with token.open(user_pin=pin) as s:
+    key = next(s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}))
+    digest = hashlib.sha256(b"bench").digest()
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        key.sign(digest, mechanism=Mechanism.ECDSA)
+        lat.append(time.perf_counter() - t0)
+print(json.dumps(lat))
+"""
+
+
+def run_clients(
+    n: int, module: str, env: dict[str, str], label: str, pin: str, seconds: float
+) -> list[float]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, module, label, pin, str(seconds)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    lat: list[float] = []
+    for p in procs:
+        out, err = p.communicate(timeout=seconds + 120)
+        if p.returncode != 0:
+            raise RuntimeError(err[-500:])
+        lat += json.loads(out.splitlines()[-1])
+    return lat
+
+
+def summary(name: str, lat: list[float], seconds: float, base: float | None) -> str:
+    lat.sort()
+    rate = len(lat) / seconds
+    p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+    ratio = f"{rate / base:.2f}x" if base else "baseline"
+    return (
+        f"| {name} | {rate:.0f}/s | {p50 * 1e3:.2f} ms | {p99 * 1e3:.2f} ms | "
+        f"{p99 / p50:.1f} | {ratio} |"
+    )
+
+
+def main() -> int:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
+    if not Path(CLIENT).is_file():
+        print(f"p11-kit-client.so not found at {CLIENT}")
+        return 1
+    root = Path(tempfile.mkdtemp(prefix="pqhsm-bp-"))
+    home, secrets = root / "home", root / "secrets"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
+    }
+
+    def pq(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "appliance", "--home", str(home), *args],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+
+    pq(
+        "init",
+        "--embedded-softhsm",
+        "--generate-secrets",
+        str(secrets),
+        "--pbkdf2-iterations",
+        "1000",
+    )
+    pq("key", "create", "--type", "ecdsa-p256", "--label", "bench")
+    pin = (secrets / "token-pin").read_text().strip()
+    sock = root / "p11.sock"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pkcs11_shim",
+            "serve",
+            "--home",
+            str(home),
+            "--socket",
+            str(sock),
+            "--pin-file",
+            str(secrets / "token-pin"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not sock.exists():
+            time.sleep(0.05)
+        direct_env = {**env, "SOFTHSM2_CONF": str(home / "softhsm" / "softhsm2.conf")}
+        softhsm = next(
+            m
+            for m in (
+                "/usr/lib/softhsm/libsofthsm2.so",
+                "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            )
+            if Path(m).is_file()
+        )
+        base_lat = run_clients(1, softhsm, direct_env, "bench", pin, seconds)
+        base = len(base_lat) / seconds
+        rows = [summary("python-pkcs11 direct on SoftHSM2, 1 process", base_lat, seconds, None)]
+        client_env = {**env, "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"}
+        for n in (1, 8):
+            lat = run_clients(n, CLIENT, client_env, "bench", pin, seconds)
+            rows.append(summary(f"via p11-kit-client.so, {n} process(es)", lat, seconds, base))
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        shutil.rmtree(root, ignore_errors=True)
+    print("# pqhsm PKCS#11 bench: ECDSA P-256 (CKM_ECDSA over a SHA-256 digest)\n")
+    print("| setup | signs/s | p50 | p99 | p99/p50 | vs direct |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
