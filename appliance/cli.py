@@ -257,6 +257,13 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     ensure_private_dir(home)
     secrets_dir = Path(args.generate_secrets).absolute() if args.generate_secrets else None
     embedded = args.embedded_softhsm or args.module is None
+    if args.embedded_softhsm and args.module is not None:
+        raise CallerError("--embedded-softhsm and --module exclude each other")
+    if secrets_dir is not None and not embedded:
+        raise CallerError(
+            "--generate-secrets makes new PINs, so it only works with the embedded "
+            "SoftHSM2 token; for an existing token give --pin-file and a passphrase"
+        )
     pin_file = passphrase_file = None
     if secrets_dir is not None:
         ensure_private_dir(secrets_dir)

@@ -1,8 +1,14 @@
-"""``python -m pkcs11_shim serve --home DIR --socket PATH``: the PKCS#11 front end.
+"""``python -m pkcs11_shim serve|set-pin``: the PKCS#11 front end and its client PIN.
 
-Secrets come exactly as for the ``pqhsm`` command: ``--pin-file``/``--pin-fd``, the
-config's PIN file, ``$PQHSM_TOKEN_PIN`` (CI only) or the terminal.  The keystore
-passphrase is asked for only with ``--unlock`` (classical signing does not need it).
+``serve --home DIR --socket PATH``: secrets come exactly as for the ``pqhsm`` command:
+``--pin-file``/``--pin-fd``, the config's PIN file, ``$PQHSM_TOKEN_PIN`` (CI only) or the
+terminal.  The keystore passphrase is asked for only with ``--unlock`` (classical
+signing does not need it).
+
+``set-pin --home DIR``: set the clients' PIN (Argon2id, ``DIR/clients.cbor``) and clear
+its lockout.  The PIN comes from ``--pin-fd``/``--pin-file``, ``$PQHSM_CLIENT_PIN`` (CI
+only) or the terminal (asked twice), never from argv.  A running server uses the new
+PIN at the next login.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.cli import read_passphrase, read_pin
+from appliance import clientpins
+from appliance.cli import get_secret, read_passphrase, read_pin
 from appliance.config import load_config, resolve_home
 from appliance.errors import ApplianceError
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from pkcs11_shim.model import Pkcs11Model
-from pkcs11_shim.server import Server
+from pkcs11_shim.rpc import MAX_MESSAGE
+from pkcs11_shim.server import DEFAULT_IDLE_TIMEOUT, Server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +43,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlock", action="store_true", help="also unlock the keystore")
     p.add_argument("--passphrase-file", help="file holding the keystore passphrase (0600)")
     p.add_argument("--passphrase-fd", type=int, help="read the passphrase from this fd")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="close a connection idle this many seconds (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-message",
+        type=int,
+        default=MAX_MESSAGE,
+        help="largest accepted message part in bytes; larger closes the connection",
+    )
+    q = sub.add_parser("set-pin", help="set the PKCS#11 client PIN and clear its lockout")
+    q.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
+    q.add_argument("--pin-file", help="file holding the new client PIN (mode 0600)")
+    q.add_argument("--pin-fd", type=int, help="read the new client PIN from this fd")
+    q.add_argument(
+        "--kdf-profile",
+        choices=("default", "test"),
+        default="default",
+        help="Argon2id cost: default (RFC 9106 low-memory) or test (cheapest; tests only)",
+    )
     return parser
+
+
+def set_pin(args: argparse.Namespace) -> int:
+    """Hash the new client PIN into the store; the old hash and counter are replaced."""
+    cfg = load_config(resolve_home(args.home))
+    pin = get_secret(
+        "client PIN",
+        fd=args.pin_fd,
+        file=args.pin_file,
+        cfg_file=None,
+        env="PQHSM_CLIENT_PIN",
+        confirm=True,
+    )
+    profile = clientpins.TEST_PROFILE if args.kdf_profile == "test" else clientpins.DEFAULT_PROFILE
+    with pin:
+        clientpins.set_pin(cfg.home, pin, profile=profile)
+    print(f"client PIN set in {cfg.home / clientpins.STORE_FILE}")  # noqa: T201
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -43,7 +91,7 @@ def serve(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_home(args.home))
     pin = read_pin(args, cfg)
     passphrase = read_passphrase(args, cfg) if args.unlock else None
-    client_pin = SecretBytes(pin.view())  # interim client PIN (see pkcs11_shim.model)
+    client_pin = SecretBytes(pin.view())  # interim fallback, only without a PIN store
     try:
         app = Appliance.open(cfg, pin=pin, passphrase=passphrase)
     except BaseException:
@@ -54,7 +102,9 @@ def serve(args: argparse.Namespace) -> int:
         if passphrase is not None:
             passphrase.wipe()
     model = Pkcs11Model(app, client_pin=client_pin)
-    server = Server(model, Path(args.socket))
+    server = Server(
+        model, Path(args.socket), idle_timeout=args.idle_timeout, max_message=args.max_message
+    )
     try:
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return serve(args)
+        return set_pin(args) if args.command == "set-pin" else serve(args)
     except ApplianceError as exc:
         print(f"error: {exc} [CKR_{exc.ckr.name}]", file=sys.stderr)  # noqa: T201
         return 1

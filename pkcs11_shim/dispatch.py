@@ -88,6 +88,7 @@ def _get_token_info(c: Client, r: Reader, w: Writer) -> None:
     c.check_slot(slot)
     m = c.model
     flags = 0x1 | 0x4 | 0x8 | 0x400  # RNG, LOGIN_REQUIRED, USER_PIN_INITIALIZED, INITIALIZED
+    flags |= m.pin_flags()  # CKF_USER_PIN_COUNT_LOW / FINAL_TRY / LOCKED
     unavailable = 0xFFFFFFFFFFFFFFFF
     w.s(m.label, 32).s("pqhsm", 32).s("pqhsm appliance", 16).s(m.serial, 16).u(flags)
     w.u(0).u(unavailable).u(0).u(unavailable).u(255).u(4)
@@ -200,6 +201,76 @@ def _sign(c: Client, r: Reader, w: Writer) -> None:
     w.ay(c.sign(s, data))
 
 
+def _digest_init(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    mech = r.m()
+    r.done()
+    c.digest_init(s, mech)
+
+
+def _digest(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    data = r.ay()
+    size = r.fy()
+    r.done()
+    need = c.digest_length(s)
+    if size is None or size < need:
+        w.ay(None, need)  # the operation stays active
+        return
+    w.ay(c.digest(s, data))
+
+
+def _digest_update(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    data = r.ay()
+    r.done()
+    c.digest_update(s, data)
+
+
+def _digest_final(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    size = r.fy()
+    r.done()
+    need = c.digest_length(s)
+    if size is None or size < need:
+        w.ay(None, need)
+        return
+    w.ay(c.digest_final(s))
+
+
+def _verify_init(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    mech = r.m()
+    key = r.u()
+    r.done()
+    c.verify_init(s, mech, key)
+
+
+def _verify(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    data = r.ay()
+    signature = r.ay()
+    r.done()
+    c.verify(s, data, signature)
+
+
+def _generate_key_pair(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    mech = r.m()
+    pub = r.aa()
+    priv = r.aa()
+    r.done()
+    pub_handle, priv_handle = c.generate_key_pair(s, mech, pub, priv)
+    w.u(pub_handle).u(priv_handle)
+
+
+def _destroy_object(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    obj = r.u()
+    r.done()
+    c.destroy_object(s, obj)
+
+
 def _generate_random(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     size = r.fy()
@@ -223,12 +294,20 @@ CALLS: Final[dict[int, Call]] = {
     13: Call("C_GetSessionInfo", "u", "uuuu", _get_session_info),
     18: Call("C_Login", "uuay", "", _login),
     19: Call("C_Logout", "u", "", _logout),
+    22: Call("C_DestroyObject", "uu", "", _destroy_object),
     24: Call("C_GetAttributeValue", "uufA", "aAu", _get_attribute_value),
     26: Call("C_FindObjectsInit", "uaA", "", _find_objects_init),
     27: Call("C_FindObjects", "ufu", "au", _find_objects),
     28: Call("C_FindObjectsFinal", "u", "", _find_objects_final),
+    37: Call("C_DigestInit", "uM", "", _digest_init),
+    38: Call("C_Digest", "uayfy", "ay", _digest),
+    39: Call("C_DigestUpdate", "uay", "", _digest_update),
+    41: Call("C_DigestFinal", "ufy", "ay", _digest_final),
     42: Call("C_SignInit", "uMu", "", _sign_init),
     43: Call("C_Sign", "uayfy", "ay", _sign),
+    48: Call("C_VerifyInit", "uMu", "", _verify_init),
+    49: Call("C_Verify", "uayay", "", _verify),
+    59: Call("C_GenerateKeyPair", "uMaAaA", "uu", _generate_key_pair),
     64: Call("C_GenerateRandom", "ufy", "ay", _generate_random),
 }
 

@@ -9,23 +9,30 @@ classical states its handles are invalid.
 Each client connection (one PKCS#11 application) gets a :class:`Client`: its own
 sessions, login state, and object handles, stable for the life of the connection.
 
-Security: client login, interim (this slice): the client PIN is the token PIN the
-operator gave when the server started.  The next slice replaces it with the appliance's
-own Argon2id client PINs with lockout (DESIGN §8).  The PIN is compared in constant time
-and never logged.
+Security: client login uses the appliance's own client PINs (:mod:`appliance.clientpins`:
+Argon2id hashes, a lockout counted durably before each check) whenever the home holds a
+PIN store.  Only while no store exists does the interim fallback of slice 1 apply: the
+client PIN is the token PIN the operator gave when the server started, compared in
+constant time (a warning is logged once).  PINs are never logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
+from appliance import clientpins
 from appliance.algorithms import der_oid, load_spki, parse_alg
 from appliance.errors import CKR
 from appliance.keys import KeyInfo, KeyKind, KeyState
@@ -79,10 +86,16 @@ CKA_ALLOWED_MECHANISMS: Final = 0x40000600
 # Attributes that would reveal private key material: always CKR_ATTRIBUTE_SENSITIVE.
 SENSITIVE_ATTRS: Final = frozenset({CKA_VALUE, 0x122, 0x123, 0x124, 0x125, 0x126, 0x127, 0x128})
 
+CKM_SHA256: Final = 0x250
+CKM_SHA384: Final = 0x260
+CKM_SHA512: Final = 0x270
 CKM_EC_KEY_PAIR_GEN: Final = 0x1040
 CKM_ECDSA: Final = 0x1041
 CKF_HW: Final = 0x1
+CKF_DIGEST: Final = 0x400
 CKF_SIGN: Final = 0x800
+CKF_VERIFY: Final = 0x2000
+CKF_GENERATE_KEY_PAIR: Final = 0x10000
 CKF_EC_F_P: Final = 0x100000
 CKF_EC_NAMEDCURVE: Final = 0x800000
 CKF_EC_UNCOMPRESS: Final = 0x1000000
@@ -100,11 +113,42 @@ CKS_RO_PUBLIC_SESSION: Final = 0
 CKS_RO_USER_FUNCTIONS: Final = 1
 CKS_RW_PUBLIC_SESSION: Final = 2
 CKS_RW_USER_FUNCTIONS: Final = 3
+CKF_USER_PIN_COUNT_LOW: Final = 0x10000
+CKF_USER_PIN_FINAL_TRY: Final = 0x20000
+CKF_USER_PIN_LOCKED: Final = 0x40000
 CKR_SESSION_PARALLEL_NOT_SUPPORTED: Final = 0x0B4
+CKR_SESSION_READ_ONLY: Final = 0x0B5
+CKR_CURVE_NOT_SUPPORTED: Final = 0x140
+
+#: Digest mechanisms (all on the 0.24 client's no-parameter list): hashlib name, length.
+DIGESTS: Final[dict[int, tuple[str, int]]] = {
+    CKM_SHA256: ("sha256", 32),
+    CKM_SHA384: ("sha384", 48),
+    CKM_SHA512: ("sha512", 64),
+}
+#: CKA_EC_PARAMS (DER OID) -> appliance key type, for C_GenerateKeyPair.
+EC_CURVES: Final[dict[bytes, str]] = {
+    bytes.fromhex("06082a8648ce3d030107"): "ecdsa-p256",
+    bytes.fromhex("06052b81040022"): "ecdsa-p384",
+}
+#: Raw ECDSA digest length -> the hash cryptography needs to verify it as prehashed.
+_PREHASH_BY_LEN: Final[dict[int, type[hashes.HashAlgorithm]]] = {
+    20: hashes.SHA1,
+    28: hashes.SHA224,
+    32: hashes.SHA256,
+    48: hashes.SHA384,
+    64: hashes.SHA512,
+}
+MAX_DIGEST_INPUT: Final = 64 << 20  # bytes hashed by one multi-part digest
 
 #: Mechanisms advertised: only ones the p11-kit 0.24 client passes (DESIGN §8).
+_EC_FLAGS: Final = CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS
 MECHANISMS: Final[dict[int, tuple[int, int, int]]] = {
-    CKM_ECDSA: (256, 384, CKF_HW | CKF_SIGN | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS),
+    CKM_ECDSA: (256, 384, CKF_HW | CKF_SIGN | CKF_VERIFY | _EC_FLAGS),
+    CKM_EC_KEY_PAIR_GEN: (256, 384, CKF_HW | CKF_GENERATE_KEY_PAIR | _EC_FLAGS),
+    CKM_SHA256: (0, 0, CKF_DIGEST),
+    CKM_SHA384: (0, 0, CKF_DIGEST),
+    CKM_SHA512: (0, 0, CKF_DIGEST),
 }
 _LIVE_CLASSICAL: Final = (KeyState.CLASSICAL, KeyState.HYBRID, KeyState.PQC_PREFERRED)
 
@@ -192,34 +236,75 @@ def object_attributes(key: KeyInfo, cls: int) -> dict[int, AttrValue]:
 
 
 class Pkcs11Model:
-    """What every client connection shares: the appliance, the token label, the PIN.
+    """What every client connection shares: the appliance, the token label, the PINs.
 
-    Security: ``client_pin`` is an interim credential (the token PIN, see the module
-    docstring); this object owns it and :meth:`close` wipes it.
+    Client logins check the appliance's client PIN store in ``pin_home`` (default: the
+    appliance home) whenever it exists.  ``client_pin`` is the interim slice-1 fallback
+    (the token PIN) used only while no store exists; this object owns it and
+    :meth:`close` wipes it.
     """
 
-    def __init__(self, app: Appliance, *, client_pin: SecretBytes) -> None:
+    def __init__(
+        self,
+        app: Appliance,
+        *,
+        client_pin: SecretBytes | None = None,
+        pin_home: Path | None = None,
+        max_failures: int = clientpins.MAX_FAILURES,
+    ) -> None:
         self.app = app
         self._pin = client_pin
+        self.pin_home = Path(pin_home) if pin_home is not None else app.cfg.home
+        self.max_failures = max_failures
+        self._warned = False
+        self._warn_lock = threading.Lock()
         info = app.token.info()
         self.label = info.label or "pqhsm"
         self.serial = info.serial or app.appliance_id[:16]
 
     def check_pin(self, pin: bytes) -> None:
-        """Compare a client PIN in constant time.
+        """Check a client PIN against the store, or (no store) the interim token PIN.
 
-        :raises CkrError: ``CKR_PIN_INCORRECT``.
+        :raises PinIncorrect: wrong PIN (counted toward the lockout).
+        :raises PinLocked: too many consecutive failures, whatever the PIN.
+        :raises CkrError: ``CKR_USER_PIN_NOT_INITIALIZED``: no store and no fallback.
         """
+        if clientpins.exists(self.pin_home):
+            clientpins.verify(self.pin_home, pin, max_failures=self.max_failures)
+            return
+        if self._pin is None:
+            raise CkrError(CKR.USER_PIN_NOT_INITIALIZED)
+        with self._warn_lock:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "no client PIN store in %s: clients log in with the token PIN "
+                    "(interim); run 'python -m pkcs11_shim set-pin'",
+                    self.pin_home,
+                )
         if not hmac.compare_digest(bytes(self._pin.view()), pin):
             raise CkrError(CKR.PIN_INCORRECT)
+
+    def pin_flags(self) -> int:
+        """CKF_USER_PIN_* token flags for the current failure count."""
+        if not clientpins.exists(self.pin_home):
+            return 0
+        n = clientpins.failures(self.pin_home)
+        if n >= self.max_failures:
+            return CKF_USER_PIN_LOCKED
+        flags = CKF_USER_PIN_COUNT_LOW if n else 0
+        if n == self.max_failures - 1:
+            flags |= CKF_USER_PIN_FINAL_TRY
+        return flags
 
     def ecdsa_keys(self) -> list[KeyInfo]:
         """Keys that currently expose PKCS#11 objects."""
         return [k for k in self.app.keys() if _ecdsa_key(k)]
 
     def close(self) -> None:
-        """Wipe the client PIN."""
-        self._pin.wipe()
+        """Wipe the interim client PIN."""
+        if self._pin is not None:
+            self._pin.wipe()
 
 
 @dataclass
@@ -229,6 +314,9 @@ class Session:
     flags: int
     found: list[int] | None = None
     sign_key: str | None = None  # key_id while C_Sign is active
+    verify_key: str | None = None  # key_id while C_Verify is active
+    digest: hashlib._Hash | None = None  # while C_Digest* is active
+    digest_fed: int = 0  # bytes hashed so far (bounded by MAX_DIGEST_INPUT)
 
 
 @dataclass
@@ -349,6 +437,7 @@ class Client:
         self.logged_in = False
         for s in self.sessions.values():
             s.sign_key = None
+            s.verify_key = None
 
     # -- objects -------------------------------------------------------------------------
 
@@ -471,11 +560,219 @@ class Client:
         log.info("signed %d-byte digest with key %s", len(data), key.label)
         return sig
 
+    # -- digests ---------------------------------------------------------------------------
+
+    def digest_init(self, handle: int, mech: Mechanism) -> None:
+        """Start a digest (``CKM_SHA256/384/512``, no parameter); no login needed."""
+        s = self._session(handle)
+        if s.digest is not None:
+            raise CkrError(CKR.OPERATION_ACTIVE)
+        if mech.type not in DIGESTS:
+            raise CkrError(CKR.MECHANISM_INVALID)
+        if mech.param:
+            raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+        s.digest = hashlib.new(DIGESTS[mech.type][0])
+        s.digest_fed = 0
+
+    def _active_digest(self, handle: int) -> tuple[Session, hashlib._Hash]:
+        s = self._session(handle)
+        if s.digest is None:
+            raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        return s, s.digest
+
+    def digest_length(self, handle: int) -> int:
+        """The output length of the active digest (for size queries)."""
+        return self._active_digest(handle)[1].digest_size
+
+    def digest_update(self, handle: int, data: bytes | None) -> None:
+        """Feed ``data``; any error ends the operation."""
+        s, h = self._active_digest(handle)
+        if data is None or s.digest_fed + len(data) > MAX_DIGEST_INPUT:
+            s.digest = None
+            raise CkrError(CKR.ARGUMENTS_BAD if data is None else CKR.DATA_LEN_RANGE)
+        s.digest_fed += len(data)
+        h.update(data)
+
+    def digest(self, handle: int, data: bytes | None) -> bytes:
+        """Single-part digest: hash ``data`` and end the operation."""
+        s, h = self._active_digest(handle)
+        s.digest = None
+        if s.digest_fed:
+            raise CkrError(CKR.OPERATION_ACTIVE)  # C_Digest after C_DigestUpdate
+        if data is None:
+            raise CkrError(CKR.ARGUMENTS_BAD)
+        h.update(data)
+        return h.digest()
+
+    def digest_final(self, handle: int) -> bytes:
+        """End a multi-part digest and return the hash."""
+        s, h = self._active_digest(handle)
+        s.digest = None
+        return h.digest()
+
+    # -- verification --------------------------------------------------------------------
+
+    def verify_init(self, handle: int, mech: Mechanism, key_handle: int) -> None:
+        """Start ``CKM_ECDSA`` verification with a public key object."""
+        s = self._session(handle)
+        if s.verify_key is not None:
+            raise CkrError(CKR.OPERATION_ACTIVE)
+        if mech.type != CKM_ECDSA:
+            raise CkrError(CKR.MECHANISM_INVALID)
+        if mech.param:
+            raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+        key, cls = self._object(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
+        if cls != CKO_PUBLIC_KEY:
+            raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
+        s.verify_key = key.key_id
+
+    def verify(self, handle: int, data: bytes | None, signature: bytes | None) -> None:
+        """Verify a raw r||s signature over a client-computed digest; ends the operation.
+
+        :raises CkrError: ``CKR_SIGNATURE_INVALID``, ``CKR_SIGNATURE_LEN_RANGE`` (not
+            twice the coordinate length) or ``CKR_DATA_LEN_RANGE`` (a digest length other
+            than 20, 28, 32, 48 or 64 bytes).
+        """
+        s = self._session(handle)
+        key_id, s.verify_key = s.verify_key, None
+        if key_id is None:
+            raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        if data is None or signature is None:
+            raise CkrError(CKR.ARGUMENTS_BAD)
+        key = self.model.app.key(key_id)
+        if not _ecdsa_key(key):
+            raise CkrError(CKR.KEY_HANDLE_INVALID)
+        half = parse_alg(key.classical_alg or "").coord_len
+        if len(signature) != 2 * half:
+            raise CkrError(CKR.SIGNATURE_LEN_RANGE)
+        algo = _PREHASH_BY_LEN.get(len(data))
+        if algo is None:
+            raise CkrError(CKR.DATA_LEN_RANGE)
+        pub = load_spki(key.classical_spki or b"")
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise CkrError(CKR.DEVICE_ERROR)
+        der = encode_dss_signature(
+            int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
+        )
+        try:
+            pub.verify(der, data, ec.ECDSA(Prehashed(algo())))
+        except InvalidSignature:
+            raise CkrError(CKR.SIGNATURE_INVALID) from None
+
+    # -- objects: generation and destruction -----------------------------------------------
+
+    def generate_key_pair(
+        self, handle: int, mech: Mechanism, pub_tpl: list[Attribute], priv_tpl: list[Attribute]
+    ) -> tuple[int, int]:
+        """``CKM_EC_KEY_PAIR_GEN``: create an appliance ECDSA key; (public, private) handles.
+
+        The key is an ordinary appliance key (``app.create_key``): P-256 or P-384 from
+        ``CKA_EC_PARAMS``, label from ``CKA_LABEL``.  The appliance chooses ``CKA_ID``;
+        a template that asks for anything the key cannot have is refused.
+        """
+        s = self._session(handle)
+        if mech.type != CKM_EC_KEY_PAIR_GEN:
+            raise CkrError(CKR.MECHANISM_INVALID)
+        if mech.param:
+            raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+        if not self.logged_in:
+            raise CkrError(CKR.USER_NOT_LOGGED_IN)
+        if not s.flags & CKF_RW_SESSION:
+            raise CkrError(CKR_SESSION_READ_ONLY)
+        pub = {a.type: a.value for a in pub_tpl}
+        priv = {a.type: a.value for a in priv_tpl}
+        params = pub.get(CKA_EC_PARAMS, priv.get(CKA_EC_PARAMS))
+        if params is None:
+            raise CkrError(CKR.TEMPLATE_INCOMPLETE)
+        if not isinstance(params, bytes) or params not in EC_CURVES:
+            raise CkrError(CKR_CURVE_NOT_SUPPORTED)
+        labels = {v for v in (pub.get(CKA_LABEL), priv.get(CKA_LABEL)) if v is not None}
+        if len(labels) > 1:
+            raise CkrError(CKR.TEMPLATE_INCONSISTENT)
+        raw_label = labels.pop() if labels else None
+        if raw_label is not None and not isinstance(raw_label, bytes):
+            raise CkrError(CKR.ATTRIBUTE_VALUE_INVALID)
+        try:
+            label = raw_label.decode("utf-8") if raw_label else f"p11-{os.urandom(6).hex()}"
+        except UnicodeDecodeError:
+            raise CkrError(CKR.ATTRIBUTE_VALUE_INVALID) from None
+        _check_template(pub, CKO_PUBLIC_KEY)
+        _check_template(priv, CKO_PRIVATE_KEY)
+        key = self.model.app.create_key(EC_CURVES[params], label)
+        log.info("generated key %s (%s) through PKCS#11", key.label, EC_CURVES[params])
+        visible = self._visible()
+        handles = {cls: h for h, (k, cls) in visible.items() if k.key_id == key.key_id}
+        return handles[CKO_PUBLIC_KEY], handles[CKO_PRIVATE_KEY]
+
+    def destroy_object(self, handle: int, obj: int) -> None:
+        """Always refused: appliance keys leave only through migration (CKA_DESTROYABLE
+        is false), so an existing object gives ``CKR_ACTION_PROHIBITED``."""
+        self._session(handle)
+        self._object(obj)
+        raise CkrError(CKR.ACTION_PROHIBITED)
+
     def random(self, handle: int, n: int) -> bytes:
         self._session(handle)
         if n > MAX_RANDOM:
             raise CkrError(CKR.DATA_LEN_RANGE)
         return os.urandom(n)
+
+
+#: Attributes a generation template may set to anything (checked or used elsewhere).
+_FREE_ATTRS: Final = frozenset({CKA_LABEL, CKA_EC_PARAMS, CKA_SUBJECT})
+
+
+def _check_template(template: dict[int, AttrValue], cls: int) -> None:
+    """Refuse template values the generated object will not have.
+
+    ``CKA_ID`` cannot be chosen (the appliance assigns it): ``CKR_ATTRIBUTE_READ_ONLY``.
+    An attribute the object does not have: ``CKR_ATTRIBUTE_TYPE_INVALID``; a different
+    value: ``CKR_TEMPLATE_INCONSISTENT``.
+    """
+    fixed = _FIXED_ATTRS[cls]
+    for atype, value in template.items():
+        if atype in _FREE_ATTRS:
+            continue
+        if atype == CKA_ID:
+            raise CkrError(CKR.ATTRIBUTE_READ_ONLY)
+        if atype not in fixed:
+            raise CkrError(CKR.ATTRIBUTE_TYPE_INVALID)
+        if fixed[atype] != value:
+            raise CkrError(CKR.TEMPLATE_INCONSISTENT)
+
+
+def _fixed_attrs(cls: int) -> dict[int, AttrValue]:
+    common: dict[int, AttrValue] = {
+        CKA_CLASS: cls,
+        CKA_TOKEN: True,
+        CKA_PRIVATE: cls == CKO_PRIVATE_KEY,
+        CKA_KEY_TYPE: CKK_EC,
+        CKA_MODIFIABLE: False,
+        CKA_COPYABLE: False,
+        CKA_DESTROYABLE: False,
+        CKA_DERIVE: False,
+        CKA_ALLOWED_MECHANISMS: (CKM_ECDSA,),
+    }
+    if cls == CKO_PRIVATE_KEY:
+        common.update(
+            {
+                CKA_SENSITIVE: True,
+                CKA_EXTRACTABLE: False,
+                CKA_SIGN: True,
+                CKA_SIGN_RECOVER: False,
+                CKA_DECRYPT: False,
+                CKA_UNWRAP: False,
+                CKA_ALWAYS_AUTHENTICATE: False,
+            }
+        )
+    else:
+        common.update(
+            {CKA_VERIFY: True, CKA_VERIFY_RECOVER: False, CKA_ENCRYPT: False, CKA_WRAP: False}
+        )
+    return common
+
+
+_FIXED_ATTRS: Final = {c: _fixed_attrs(c) for c in (CKO_PUBLIC_KEY, CKO_PRIVATE_KEY)}
 
 
 def _c_size(value: AttrValue) -> int:

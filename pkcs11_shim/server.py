@@ -6,6 +6,11 @@ after the one-byte version handshake (the client offers a version, we answer 0),
 client sends frames as three writes (header, options, body), read here with exact
 lengths.  A frame that does not parse closes that connection only; every other client
 keeps being served.
+
+Limits per connection: a message part (options or body) larger than ``max_message``
+(default and ceiling :data:`~pkcs11_shim.rpc.MAX_MESSAGE`) closes the connection before
+the part is read; so does ``idle_timeout`` seconds (default 300) without a byte from the
+client, whether between messages or inside one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Final
 from appliance.errors import ConfigError
 from pkcs11_shim.dispatch import dispatch
 from pkcs11_shim.model import Client, Pkcs11Model
-from pkcs11_shim.rpc import HEADER, Header, ProtocolError, encode_frame
+from pkcs11_shim.rpc import HEADER, MAX_MESSAGE, Header, ProtocolError, encode_frame
 
 __all__ = ["Server"]
 
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 PROTOCOL_VERSION: Final = 0
 MAX_CONNECTIONS: Final = 64
+DEFAULT_IDLE_TIMEOUT: Final = 300.0
 
 
 class _Closed(Exception):
@@ -61,9 +67,22 @@ def _check_socket_dir(directory: Path) -> None:
 class Server:
     """Serves a :class:`Pkcs11Model` on ``socket_path`` until :meth:`close`."""
 
-    def __init__(self, model: Pkcs11Model, socket_path: Path) -> None:
+    def __init__(
+        self,
+        model: Pkcs11Model,
+        socket_path: Path,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_message: int = MAX_MESSAGE,
+    ) -> None:
+        if idle_timeout <= 0:
+            raise ConfigError("the idle timeout must be positive")
+        if not 1024 <= max_message <= MAX_MESSAGE:
+            raise ConfigError(f"the message limit must be 1024 to {MAX_MESSAGE} bytes")
         self.model = model
         self.path = Path(socket_path).absolute()
+        self.idle_timeout = idle_timeout
+        self.max_message = max_message
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
@@ -160,12 +179,15 @@ class Server:
 
     def _serve(self, conn: socket.socket) -> None:
         client = Client(self.model)
+        conn.settimeout(self.idle_timeout)
         try:
             version = _recv_exact(conn, 1, at_start=True)[0]
             log.debug("client offers protocol version %d", version)
             conn.sendall(bytes((PROTOCOL_VERSION,)))
             while not self._closing.is_set():
                 header = Header.parse(_recv_exact(conn, HEADER.size, at_start=True))
+                if max(header.options_len, header.body_len) > self.max_message:
+                    raise ProtocolError("message over the size limit")
                 _recv_exact(conn, header.options_len)  # the client's module name
                 body = _recv_exact(conn, header.body_len)
                 reply = dispatch(client, body)
@@ -174,6 +196,8 @@ class Server:
             pass
         except ProtocolError as exc:
             log.warning("closing a PKCS#11 connection: %s", exc)
+        except TimeoutError:
+            log.info("closing a PKCS#11 connection idle for %g s", self.idle_timeout)
         except OSError as exc:
             if not self._closing.is_set():
                 log.info("PKCS#11 connection ended: %s", type(exc).__name__)

@@ -325,6 +325,15 @@ def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
         match="not a PEM or DER public key",
     )
     fails("init", "--embedded-softhsm", home=home, match="already holds an appliance")
+    fails(
+        "init",
+        "--module",
+        "/x.so",
+        "--generate-secrets",
+        str(tmp_path / "s"),
+        home=tmp_path / "n",
+        match="only works with the embedded",
+    )
     # nothing was lost: the keys still sign
     ok("sign", "sel", "--in", str(msg), "--out", str(tmp_path / "s"), home=home)
 
