@@ -191,6 +191,12 @@ class Appliance:
             raise
         return app
 
+    def lock(self) -> None:
+        """Zeroize the passphrase key and drop every cached ML-DSA signer, at once."""
+        with self._lock:
+            self._signers.clear()
+            self.keystore.lock()
+
     def close(self) -> None:
         """Zeroize, close the token session and release the WAL."""
         with self._lock:

@@ -11,6 +11,7 @@ that names the port — never a pyserial traceback.
 from __future__ import annotations
 
 import logging
+import termios
 from types import TracebackType
 
 import serial
@@ -93,7 +94,8 @@ class Transport:
             self._serial.flush()
         except serial.SerialTimeoutException as exc:
             raise SerialTimeout(self.port, "write timed out") from exc
-        except (serial.SerialException, OSError) as exc:
+        except (serial.SerialException, OSError, termios.error) as exc:
+            # termios.error: pyserial's flush (tcdrain) after the far end of a pty hung up
             raise SerialError(self.port, f"write failed: {_one_line(exc)}") from exc
         if n != len(data):
             raise SerialError(self.port, f"short write: {n} of {len(data)} bytes")

@@ -271,6 +271,7 @@ def test_adopt_a_key_made_by_pkcs11_tool(home: Path, tmp_path: Path) -> None:
 
 
 def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
+    ok("key", "create", "--type", "ed25519", "--label", "bad-sel", home=home)
     msg = tmp_path / "m"
     msg.write_bytes(b"m")
     pin_bad = tmp_path / "pin"
@@ -288,7 +289,7 @@ def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
     )
     fails(
         "sign",
-        "sel",
+        "bad-sel",
         "--in",
         str(tmp_path / "absent"),
         "--out",
@@ -311,7 +312,7 @@ def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
         "status", home=home, env={"PQHSM_TOKEN_LABEL": "other"}, match="no token with label 'other'"
     )
     fails("status", home=tmp_path / "empty", match="no appliance here")
-    fails("key", "create", "--type", "ed25519", "--label", "sel", home=home, match="already exists")
+    fails("key", "create", "--type", "ed25519", "--label", "bad-sel", home=home, match="already exists")
     fails("key", "create", "--type", "ed25519", "--label", "", home=home, match="label must be")
     fails(
         "verify",
@@ -335,7 +336,7 @@ def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
         match="only works with the embedded",
     )
     # nothing was lost: the keys still sign
-    ok("sign", "sel", "--in", str(msg), "--out", str(tmp_path / "s"), home=home)
+    ok("sign", "bad-sel", "--in", str(msg), "--out", str(tmp_path / "s"), home=home)
 
 
 def test_secret_sources(home: Path, tmp_path: Path) -> None:
