@@ -275,8 +275,8 @@ def _generate_random(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     size = r.fy()
     r.done()
-    data = c.random(s, size or 0)
-    _byte_out(w, data, size)
+    # No size query here: the length is the request (0 gives an empty, valid array).
+    w.ay(c.random(s, size or 0))
 
 
 CALLS: Final[dict[int, Call]] = {

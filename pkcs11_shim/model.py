@@ -730,6 +730,7 @@ def _check_template(template: dict[int, AttrValue], cls: int) -> None:
     value: ``CKR_TEMPLATE_INCONSISTENT``.
     """
     fixed = _FIXED_ATTRS[cls]
+    print("TPL", cls, template)  # DEBUG
     for atype, value in template.items():
         if atype in _FREE_ATTRS:
             continue
