@@ -131,14 +131,12 @@ EC_CURVES: Final[dict[bytes, str]] = {
     bytes.fromhex("06082a8648ce3d030107"): "ecdsa-p256",
     bytes.fromhex("06052b81040022"): "ecdsa-p384",
 }
-#: Raw ECDSA digest length -> the hash cryptography needs to verify it as prehashed.
-_PREHASH_BY_LEN: Final[dict[int, type[hashes.HashAlgorithm]]] = {
-    20: hashes.SHA1,
-    28: hashes.SHA224,
+#: Coordinate length -> the hash whose size cryptography needs for a prehashed verify.
+_PREHASH_BY_COORD: Final[dict[int, type[hashes.HashAlgorithm]]] = {
     32: hashes.SHA256,
     48: hashes.SHA384,
-    64: hashes.SHA512,
 }
+MAX_ECDSA_INPUT: Final = 64  # CKM_ECDSA data: the longest digest (SHA-512)
 MAX_DIGEST_INPUT: Final = 64 << 20  # bytes hashed by one multi-part digest
 
 #: Mechanisms advertised: only ones the p11-kit 0.24 client passes (DESIGN §8).
@@ -554,7 +552,7 @@ class Client:
         key = self.model.app.key(key_id)
         if not _ecdsa_key(key):
             raise CkrError(CKR.KEY_HANDLE_INVALID)
-        if len(data) > 64:
+        if len(data) > MAX_ECDSA_INPUT:
             raise CkrError(CKR.DATA_LEN_RANGE)
         sig = self.model.app.sign(key, data, kind="classical", raw=True, prehashed=True)
         log.info("signed %d-byte digest with key %s", len(data), key.label)
@@ -629,9 +627,12 @@ class Client:
     def verify(self, handle: int, data: bytes | None, signature: bytes | None) -> None:
         """Verify a raw r||s signature over a client-computed digest; ends the operation.
 
+        ``CKM_ECDSA`` is single-part only (no VerifyUpdate/VerifyFinal).  The data is
+        used as ECDSA does (ANSI X9.62): its leftmost bits up to the order's length, so a
+        digest of any length up to 64 bytes verifies exactly as it was signed.
+
         :raises CkrError: ``CKR_SIGNATURE_INVALID``, ``CKR_SIGNATURE_LEN_RANGE`` (not
-            twice the coordinate length) or ``CKR_DATA_LEN_RANGE`` (a digest length other
-            than 20, 28, 32, 48 or 64 bytes).
+            twice the coordinate length) or ``CKR_DATA_LEN_RANGE`` (empty or over 64).
         """
         s = self._session(handle)
         key_id, s.verify_key = s.verify_key, None
@@ -642,20 +643,23 @@ class Client:
         key = self.model.app.key(key_id)
         if not _ecdsa_key(key):
             raise CkrError(CKR.KEY_HANDLE_INVALID)
+        if not 0 < len(data) <= MAX_ECDSA_INPUT:
+            raise CkrError(CKR.DATA_LEN_RANGE)
         half = parse_alg(key.classical_alg or "").coord_len
         if len(signature) != 2 * half:
             raise CkrError(CKR.SIGNATURE_LEN_RANGE)
-        algo = _PREHASH_BY_LEN.get(len(data))
-        if algo is None:
-            raise CkrError(CKR.DATA_LEN_RANGE)
+        algo = _PREHASH_BY_COORD.get(half)
         pub = load_spki(key.classical_spki or b"")
-        if not isinstance(pub, ec.EllipticCurvePublicKey):
+        if algo is None or not isinstance(pub, ec.EllipticCurvePublicKey):
             raise CkrError(CKR.DEVICE_ERROR)
+        # Same integer e as X9.62: truncate to the order's bytes (the supported orders are
+        # whole bytes), or left-pad with zeros, which does not change the value.
+        digest = data[:half] if len(data) >= half else bytes(half - len(data)) + data
         der = encode_dss_signature(
             int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
         )
         try:
-            pub.verify(der, data, ec.ECDSA(Prehashed(algo())))
+            pub.verify(der, digest, ec.ECDSA(Prehashed(algo())))
         except InvalidSignature:
             raise CkrError(CKR.SIGNATURE_INVALID) from None
 
@@ -725,16 +729,18 @@ _FREE_ATTRS: Final = frozenset({CKA_LABEL, CKA_EC_PARAMS, CKA_SUBJECT})
 def _check_template(template: dict[int, AttrValue], cls: int) -> None:
     """Refuse template values the generated object will not have.
 
-    ``CKA_ID`` cannot be chosen (the appliance assigns it): ``CKR_ATTRIBUTE_READ_ONLY``.
+    ``CKA_ID`` cannot be chosen (the appliance assigns it): ``CKR_ATTRIBUTE_READ_ONLY``
+    (an empty value, meaning no preference, is accepted).
     An attribute the object does not have: ``CKR_ATTRIBUTE_TYPE_INVALID``; a different
     value: ``CKR_TEMPLATE_INCONSISTENT``.
     """
     fixed = _FIXED_ATTRS[cls]
-    print("TPL", cls, template)  # DEBUG
     for atype, value in template.items():
         if atype in _FREE_ATTRS:
             continue
         if atype == CKA_ID:
+            if value == b"":  # python-pkcs11's default: no preference
+                continue
             raise CkrError(CKR.ATTRIBUTE_READ_ONLY)
         if atype not in fixed:
             raise CkrError(CKR.ATTRIBUTE_TYPE_INVALID)

@@ -1,0 +1,184 @@
+"""The appliance's own client PINs (DESIGN §8): Argon2id hashes with a persisted lockout.
+
+The store is one canonical-CBOR file, ``$PQHSM_HOME/clients.cbor`` (0600, replaced with
+:func:`appliance.fsio.atomic_write`), mapping a client name to its Argon2id hash (PHC
+string: the parameters travel with the hash) and its count of consecutive failures.
+
+Lockout survives restarts: :func:`verify` counts the attempt *before* it checks the PIN
+(one durable write), so a crash or a kill during the check still counts; a success
+resets the counter (a second write).  After ``max_failures`` consecutive failures every
+attempt, right PIN or not, raises :class:`~appliance.errors.PinLocked` without checking
+anything; only :func:`set_pin` (the operator, ``python -m pkcs11_shim set-pin``) unlocks.
+
+Style deviation (STYLE §5, recorded): ``appliance/keystore/kdf.py`` is otherwise the only
+module that imports ``argon2``.  Client PINs are verified against stored hashes, which
+``kdf.py`` (raw key derivation) does not offer, so this module uses argon2-cffi's
+``PasswordHasher`` directly.  Like ``kdf.py`` it makes exactly one short-lived ``bytes``
+copy of the PIN per call (argon2-cffi accepts nothing else) and drops it at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2.profiles import CHEAPEST, RFC_9106_LOW_MEMORY
+
+from appliance import codec
+from appliance.errors import CallerError, DeviceError, PinIncorrect, PinLocked
+from appliance.fsio import atomic_write, read_file
+from appliance.secret import SecretBytes
+
+__all__ = [
+    "DEFAULT_CLIENT",
+    "MAX_FAILURES",
+    "STORE_FILE",
+    "Argon2Profile",
+    "exists",
+    "failures",
+    "set_pin",
+    "verify",
+]
+
+STORE_FILE: Final = "clients.cbor"
+DEFAULT_CLIENT: Final = "user"
+MAX_FAILURES: Final = 5
+MIN_PIN: Final = 4
+MAX_PIN: Final = 255  # as C_GetTokenInfo reports (ulMaxPinLen)
+_VERSION: Final = 1
+
+# One lock for every store in this process: logins are rare and short.
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class Argon2Profile:
+    """Argon2id cost parameters for new hashes (old hashes keep theirs)."""
+
+    time_cost: int
+    memory_kib: int
+    parallelism: int
+
+    def hasher(self) -> PasswordHasher:
+        """An argon2-cffi hasher with these parameters (type Argon2id)."""
+        return PasswordHasher(
+            time_cost=self.time_cost, memory_cost=self.memory_kib, parallelism=self.parallelism
+        )
+
+
+#: RFC 9106 second recommendation (t=3, 64 MiB, p=4): production default.
+DEFAULT_PROFILE: Final = Argon2Profile(
+    RFC_9106_LOW_MEMORY.time_cost, RFC_9106_LOW_MEMORY.memory_cost, RFC_9106_LOW_MEMORY.parallelism
+)
+#: argon2-cffi's cheapest parameters: tests only.
+TEST_PROFILE: Final = Argon2Profile(CHEAPEST.time_cost, CHEAPEST.memory_cost, CHEAPEST.parallelism)
+
+
+def _path(home: Path) -> Path:
+    return Path(home) / STORE_FILE
+
+
+def exists(home: Path) -> bool:
+    """Whether ``home`` holds a client PIN store."""
+    return _path(home).is_file()
+
+
+def _load(home: Path) -> dict[str, dict[str, Any]]:
+    path = _path(home)
+    if not path.is_file():
+        return {}
+    try:
+        m = codec.loads_map(read_file(path, limit=1 << 20), STORE_FILE)
+    except codec.CodecError:
+        raise DeviceError(f"{STORE_FILE}: not a PIN store") from None
+    clients = m.get("clients")
+    if m.get("version") != _VERSION or not isinstance(clients, dict):
+        raise DeviceError(f"{STORE_FILE}: unknown format")
+    for name, rec in clients.items():
+        if (
+            not isinstance(name, str)
+            or not isinstance(rec, dict)
+            or not isinstance(rec.get("hash"), str)
+            or not isinstance(rec.get("failures"), int)
+        ):
+            raise DeviceError(f"{STORE_FILE}: malformed client record")
+    return clients
+
+
+def _save(home: Path, clients: dict[str, dict[str, Any]]) -> None:
+    atomic_write(
+        _path(home), codec.dumps({"version": _VERSION, "clients": clients}), point="clientpins"
+    )
+
+
+def set_pin(
+    home: Path,
+    pin: SecretBytes,
+    *,
+    client: str = DEFAULT_CLIENT,
+    profile: Argon2Profile = DEFAULT_PROFILE,
+) -> None:
+    """Set (or replace) the PIN of ``client`` and clear its failure counter.
+
+    :raises CallerError: the PIN is shorter than 4 or longer than 255 bytes.
+    """
+    if not isinstance(pin, SecretBytes):
+        raise TypeError("pin must be SecretBytes")
+    if not MIN_PIN <= len(pin) <= MAX_PIN:
+        raise CallerError(f"a client PIN has {MIN_PIN} to {MAX_PIN} bytes")
+    secret = bytes(pin.view())  # argon2-cffi takes only bytes: one short-lived copy
+    try:
+        encoded = profile.hasher().hash(secret)
+    finally:
+        del secret
+    with _lock:
+        clients = _load(home)
+        clients[client] = {"hash": encoded, "failures": 0}
+        _save(home, clients)
+
+
+def failures(home: Path, client: str = DEFAULT_CLIENT) -> int:
+    """Consecutive failed logins of ``client`` (0 when it has no PIN)."""
+    with _lock:
+        rec = _load(home).get(client)
+    return 0 if rec is None else int(rec["failures"])
+
+
+def verify(
+    home: Path,
+    pin: bytes | bytearray | memoryview,
+    *,
+    client: str = DEFAULT_CLIENT,
+    max_failures: int = MAX_FAILURES,
+) -> None:
+    """Check ``client``'s PIN; the attempt is counted durably before the check.
+
+    :raises PinLocked: ``max_failures`` consecutive failures (even with the right PIN).
+    :raises PinIncorrect: wrong PIN, or ``client`` has none.
+    """
+    if not isinstance(pin, bytes | bytearray | memoryview):
+        raise TypeError("pin must be bytes-like")
+    with _lock:
+        clients = _load(home)
+        rec = clients.get(client)
+        if rec is None:
+            raise PinIncorrect("no such client")
+        if rec["failures"] >= max_failures:
+            raise PinLocked("client PIN locked")
+        rec["failures"] += 1
+        _save(home, clients)  # persisted before the answer (and before the check)
+        secret = bytes(pin)  # argon2-cffi takes only bytes: one short-lived copy
+        try:
+            PasswordHasher().verify(rec["hash"], secret)
+        except (VerifyMismatchError, VerificationError):
+            raise PinIncorrect("client PIN incorrect") from None
+        except InvalidHashError:
+            raise DeviceError(f"{STORE_FILE}: unreadable hash for {client!r}") from None
+        finally:
+            del secret
+        rec["failures"] = 0
+        _save(home, clients)
