@@ -312,7 +312,16 @@ def test_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
         "status", home=home, env={"PQHSM_TOKEN_LABEL": "other"}, match="no token with label 'other'"
     )
     fails("status", home=tmp_path / "empty", match="no appliance here")
-    fails("key", "create", "--type", "ed25519", "--label", "bad-sel", home=home, match="already exists")
+    fails(
+        "key",
+        "create",
+        "--type",
+        "ed25519",
+        "--label",
+        "bad-sel",
+        home=home,
+        match="already exists",
+    )
     fails("key", "create", "--type", "ed25519", "--label", "", home=home, match="label must be")
     fails(
         "verify",
