@@ -33,8 +33,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn
 
 from appliance.audit import verify_audit
@@ -507,3 +508,96 @@ class AdminConsole:
             f"zeroized: removed {has_store} and {nblobs} blob(s); WAL kept as evidence",
             *(f"removed {r}" for r in removed),
         )
+
+
+# -- entry point: pqhsm-console --------------------------------------------------------------
+
+SO_CLIENT: Final = "so"  # the security officer's entry in the appliance's client PIN store
+
+
+def so_pin_checker(home: Path) -> Callable[[SecretBytes], bool]:
+    """Check the security officer's PIN against the appliance's Argon2id PIN store.
+
+    The store counts failures durably before each check, so a lockout survives restarts
+    (on top of the console's own per-process lockout).
+    """
+    from appliance import clientpins
+    from appliance.errors import CredentialError
+
+    def check(pin: SecretBytes) -> bool:
+        try:
+            clientpins.verify(home, pin.view(), client=SO_CLIENT)
+        except CredentialError:
+            return False
+        return True
+
+    return check
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pqhsm-console serve --port PORT [--baud N]`` or ``pqhsm-console set-so-pin``."""
+    import argparse
+    import sys
+
+    from appliance import clientpins
+    from appliance.cli import get_secret, read_pin
+    from appliance.config import load_config, resolve_home
+    from appliance.service import Appliance
+
+    parser = argparse.ArgumentParser(prog="pqhsm-console", description="serial admin console")
+    parser.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the console on a serial port")
+    serve.add_argument(
+        "--port", required=True, help="device path or pyserial URL (socket://, loop://)"
+    )
+    serve.add_argument("--baud", type=int, default=115200)
+    serve.add_argument("--idle-timeout", type=float, default=300.0)
+    serve.add_argument("--pin-file", help="token PIN file (0600)")
+    serve.add_argument("--pin-fd", type=int, help="read the token PIN from this fd")
+    setp = sub.add_parser("set-so-pin", help="set the security officer's console PIN")
+    setp.add_argument("--so-pin-file", help="file holding the new SO PIN (0600)")
+    setp.add_argument("--so-pin-fd", type=int, help="read the new SO PIN from this fd")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="pqhsm-console: %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        home = resolve_home(args.home)
+        cfg = load_config(home)
+        if args.command == "set-so-pin":
+            with get_secret(
+                "security officer PIN",
+                fd=args.so_pin_fd,
+                file=args.so_pin_file,
+                cfg_file=None,
+                env="PQHSM_SO_CONSOLE_PIN",
+                confirm=True,
+            ) as so_pin:
+                clientpins.set_pin(home, so_pin, client=SO_CLIENT)
+            print("security officer PIN set", file=sys.stderr)  # noqa: T201 - the CLI's answer
+            return 0
+        if not clientpins.exists(home):
+            raise ApplianceError(
+                "no security officer PIN yet: run `pqhsm-console set-so-pin` first"
+            )
+        transport = Transport(args.port, baud=args.baud, timeout=0.1)
+        with read_pin(args, cfg) as pin:
+            app = Appliance.open(cfg, pin=pin, passphrase=None)
+        try:
+            AdminConsole(
+                app, transport, check_pin=so_pin_checker(home), idle_timeout=args.idle_timeout
+            ).run()
+        finally:
+            app.close()
+            transport.close()
+        return 0
+    except ApplianceError as exc:
+        print(f"error: {exc} [CKR_{exc.ckr.name}]", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
