@@ -18,7 +18,7 @@ case "$mode" in
 esac
 
 debs=(softhsm2 opensc p11-kit p11-kit-modules libengine-pkcs11-openssl spin openssl
-      python3 python3-venv python3-dev gcc valgrind)
+      python3 python3-venv python3-dev gcc make valgrind)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,6 +44,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+
+# the project's own PKCS#11 module (C); make rebuilds only when its sources changed
+make -s -C pkcs11_shim/c
 
 export PATH="$PWD/.venv/bin:$PATH"
 case "$mode" in

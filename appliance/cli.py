@@ -529,6 +529,15 @@ def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_module_path(args: argparse.Namespace, cfg: Config) -> int:
+    # a path, not an import: the appliance package never imports pkcs11_shim
+    path = Path(__file__).resolve().parents[1] / "pkcs11_shim" / "c" / "libpqhsm-pkcs11.so"
+    if not path.is_file():
+        raise ConfigError(f"{path} is not built: run `make -C pkcs11_shim/c` (./bootstrap.sh does)")
+    print(path)
+    return 0
+
+
 def cmd_recovery_key_create(args: argparse.Namespace, cfg: Config) -> int:
     from appliance.pqc import active_backend
     from appliance.snapshot.recovery_key import create_recovery_key
@@ -1031,6 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reason", help="why (required with --allow-rollback; kept in the log)")
     p.add_argument("--recovery-seed", help="recovery officer's seed file: restore onto a new token")
+    cmd("module-path", cmd_module_path, "print the path of pqhsm's own PKCS#11 module")
     rk = sub.add_parser("recovery-key", help="offline recovery-officer key").add_subparsers(
         dest="rk_command", required=True, metavar="ACTION"
     )

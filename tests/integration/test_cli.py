@@ -555,3 +555,13 @@ def test_dual_signing_and_policies_via_cli(tmp_path: Path) -> None:
         home=home,
         match="deterministic ML-DSA signing is not available",
     )
+
+
+def test_module_path_points_at_the_built_module(tmp_path: Path) -> None:
+    proc = run_cli("module-path", home=tmp_path)
+    if proc.returncode != 0:  # only when the C module was not built on this machine
+        assert b"is not built: run `make -C pkcs11_shim/c`" in proc.stderr
+        pytest.skip("pkcs11_shim/c is not built (./bootstrap.sh builds it)")
+    path = Path(proc.stdout.decode().strip())
+    assert path.name == "libpqhsm-pkcs11.so"
+    assert path.is_file()

@@ -1,0 +1,1243 @@
+/*
+ * libpqhsm-pkcs11.so - the pqhsm appliance's own PKCS#11 module (slice 1).
+ *
+ * Forwards PKCS#11 calls over a Unix socket to the appliance's front end
+ * (python -m pkcs11_shim serve), speaking the p11-kit 0.24 RPC protocol, version 0,
+ * exactly as p11-kit's client module encodes it (DESIGN §8).  One connection per
+ * process, one request at a time (a pthread mutex around every call).
+ *
+ * Every reply field is bounds-checked; anything malformed, truncated or out of order
+ * becomes CKR_DEVICE_ERROR and drops the connection, which the next call reopens.
+ */
+#define _GNU_SOURCE
+#define CK_EXPORT __attribute__((visibility("default")))
+
+#include "pkcs11.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define MAX_MESSAGE (1u << 20) /* body or options, either direction */
+#define MAX_ARRAY 4096u        /* elements in any counted array */
+#define MAX_DEPTH 2            /* nested attribute templates */
+#define NULL_LEN 0xffffffffu
+#define RANDOM_CHUNK 16384u
+#define IO_TIMEOUT_SECONDS 30
+
+static const char HANDSHAKE[] = "PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1";
+static const char MODULE_NAME[] = "libpqhsm-pkcs11.so";
+
+/* p11-kit call ids (rpc-message.h, protocol version 0). */
+enum {
+    CALL_ERROR = 0,
+    CALL_Initialize = 1,
+    CALL_Finalize = 2,
+    CALL_GetInfo = 3,
+    CALL_GetSlotList = 4,
+    CALL_GetSlotInfo = 5,
+    CALL_GetTokenInfo = 6,
+    CALL_GetMechanismList = 7,
+    CALL_GetMechanismInfo = 8,
+    CALL_OpenSession = 10,
+    CALL_CloseSession = 11,
+    CALL_CloseAllSessions = 12,
+    CALL_GetSessionInfo = 13,
+    CALL_Login = 18,
+    CALL_Logout = 19,
+    CALL_GetAttributeValue = 24,
+    CALL_FindObjectsInit = 26,
+    CALL_FindObjects = 27,
+    CALL_FindObjectsFinal = 28,
+    CALL_SignInit = 42,
+    CALL_Sign = 43,
+    CALL_GenerateRandom = 64,
+};
+
+/* ---------------------------------------------------------------- global state -- */
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static int g_initialized;
+static pid_t g_pid;
+static int g_fd = -1;
+static uint32_t g_code;
+static int g_atfork_registered;
+
+static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
+static void atfork_child(void) { pthread_mutex_unlock(&g_lock); }
+
+/* ------------------------------------------------------------- request builder -- */
+
+typedef struct {
+    uint8_t *data;
+    size_t len;
+    size_t cap;
+    int failed;  /* out of memory or over MAX_MESSAGE */
+    int too_big; /* over MAX_MESSAGE */
+} wbuf;
+
+static void w_raw(wbuf *w, const void *p, size_t n)
+{
+    if (w->failed)
+        return;
+    if (n > MAX_MESSAGE || w->len + n > MAX_MESSAGE) {
+        w->failed = w->too_big = 1;
+        return;
+    }
+    if (w->len + n > w->cap) {
+        size_t cap = w->cap ? w->cap : 256;
+        while (cap < w->len + n)
+            cap *= 2;
+        uint8_t *d = realloc(w->data, cap);
+        if (d == NULL) {
+            w->failed = 1;
+            return;
+        }
+        w->data = d;
+        w->cap = cap;
+    }
+    if (n)
+        memcpy(w->data + w->len, p, n);
+    w->len += n;
+}
+
+static void w_u8(wbuf *w, uint8_t v) { w_raw(w, &v, 1); }
+
+static void w_u32(wbuf *w, uint32_t v)
+{
+    uint8_t b[4] = {(uint8_t)(v >> 24), (uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v};
+    w_raw(w, b, 4);
+}
+
+static void w_u64(wbuf *w, uint64_t v)
+{
+    w_u32(w, (uint32_t)(v >> 32));
+    w_u32(w, (uint32_t)v);
+}
+
+/* u32 length + bytes; NULL as 0xffffffff */
+static void w_bytes(wbuf *w, const void *p, size_t n)
+{
+    if (p == NULL) {
+        w_u32(w, NULL_LEN);
+        return;
+    }
+    if (n >= MAX_MESSAGE) {
+        w->failed = w->too_big = 1;
+        return;
+    }
+    w_u32(w, (uint32_t)n);
+    w_raw(w, p, n);
+}
+
+/* "ay" input: valid byte + byte array, or (NULL) valid 0 + length */
+static void w_ay(wbuf *w, const void *p, size_t n)
+{
+    if (p == NULL) {
+        w_u8(w, 0);
+        w_u32(w, n >= MAX_MESSAGE ? MAX_MESSAGE : (uint32_t)n);
+        return;
+    }
+    w_u8(w, 1);
+    w_bytes(w, p, n);
+}
+
+/* "fy"/"fu": output buffer size, 0 for a size query */
+static void w_fbuf(wbuf *w, const void *buffer, CK_ULONG n)
+{
+    if (buffer == NULL)
+        w_u32(w, 0);
+    else
+        w_u32(w, n >= MAX_MESSAGE ? MAX_MESSAGE : (uint32_t)n);
+}
+
+static void w_begin(wbuf *w, uint32_t call_id, const char *sig)
+{
+    memset(w, 0, sizeof(*w));
+    w_u32(w, call_id);
+    w_bytes(w, sig, strlen(sig));
+}
+
+/* -------------------------------------------------------------- reply reader -- */
+
+typedef struct {
+    uint8_t *data; /* owned */
+    size_t len;
+    size_t pos;
+    int bad;
+} rbuf;
+
+static const uint8_t *r_take(rbuf *r, size_t n)
+{
+    if (r->bad || n > r->len - r->pos) {
+        r->bad = 1;
+        return NULL;
+    }
+    const uint8_t *p = r->data + r->pos;
+    r->pos += n;
+    return p;
+}
+
+static uint8_t r_u8(rbuf *r)
+{
+    const uint8_t *p = r_take(r, 1);
+    return p ? p[0] : 0;
+}
+
+static uint32_t r_u32(rbuf *r)
+{
+    const uint8_t *p = r_take(r, 4);
+    if (p == NULL)
+        return 0;
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static uint64_t r_u64(rbuf *r)
+{
+    uint64_t hi = r_u32(r);
+    return (hi << 32) | r_u32(r);
+}
+
+/* A CK_ULONG from the wire (u64; CK_ULONG is 64-bit on this platform). */
+static CK_ULONG r_ulong(rbuf *r) { return (CK_ULONG)r_u64(r); }
+
+static void r_version(rbuf *r, CK_VERSION *v)
+{
+    const uint8_t *p = r_take(r, 2);
+    if (p) {
+        v->major = p[0];
+        v->minor = p[1];
+    }
+}
+
+/* u32 length + bytes; *out NULL for a NULL array. */
+static int r_bytes(rbuf *r, const uint8_t **out, uint32_t *n)
+{
+    *out = NULL;
+    *n = r_u32(r);
+    if (r->bad)
+        return -1;
+    if (*n == NULL_LEN) {
+        *n = 0;
+        return 0;
+    }
+    if (*n > MAX_MESSAGE) {
+        r->bad = 1;
+        return -1;
+    }
+    *out = r_take(r, *n);
+    return r->bad ? -1 : 0;
+}
+
+/* "s": a fixed-width blank-padded string */
+static void r_string(rbuf *r, CK_UTF8CHAR *dst, size_t width)
+{
+    const uint8_t *p;
+    uint32_t n;
+    if (r_bytes(r, &p, &n) < 0)
+        return;
+    memset(dst, ' ', width);
+    if (p)
+        memcpy(dst, p, n < width ? n : width);
+}
+
+static int r_done(rbuf *r) { return !r->bad && r->pos == r->len; }
+
+/* ----------------------------------------------------------------- transport -- */
+
+static void disconnect(void)
+{
+    if (g_fd >= 0)
+        close(g_fd);
+    g_fd = -1;
+}
+
+static int send_all(int fd, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    while (n) {
+        ssize_t k = send(fd, b, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        b += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, void *p, size_t n)
+{
+    uint8_t *b = p;
+    while (n) {
+        ssize_t k = recv(fd, b, n, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        b += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int parse_address(struct sockaddr_un *sa)
+{
+    const char *addr = getenv("PQHSM_SERVER_ADDRESS");
+    if (addr == NULL || *addr == '\0')
+        addr = getenv("P11_KIT_SERVER_ADDRESS");
+    if (addr == NULL)
+        return -1;
+    static const char prefix[] = "unix:path=";
+    if (strncmp(addr, prefix, sizeof(prefix) - 1) != 0)
+        return -1;
+    const char *path = addr + sizeof(prefix) - 1;
+    size_t n = strlen(path);
+    if (n == 0 || path[0] != '/' || n >= sizeof(sa->sun_path))
+        return -1;
+    memset(sa, 0, sizeof(*sa));
+    sa->sun_family = AF_UNIX;
+    memcpy(sa->sun_path, path, n);
+    return 0;
+}
+
+static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *reply);
+
+/* Open the socket, exchange the version byte and send C_Initialize. */
+static CK_RV connect_server(void)
+{
+    struct sockaddr_un sa;
+    if (parse_address(&sa) < 0)
+        return CKR_DEVICE_ERROR;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return CKR_DEVICE_ERROR;
+    struct timeval tv = {IO_TIMEOUT_SECONDS, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    uint8_t version = 0;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || send_all(fd, &version, 1) < 0 ||
+        recv_all(fd, &version, 1) < 0 || version != 0) {
+        close(fd);
+        return CKR_DEVICE_ERROR;
+    }
+    g_fd = fd;
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_Initialize, "ayyay");
+    w_ay(&w, HANDSHAKE, sizeof(HANDSHAKE) - 1);
+    w_u8(&w, 0);         /* reserved string present: no */
+    w_ay(&w, NULL, 0);   /* reserved string */
+    CK_RV rv = transact(&w, CALL_Initialize, "", &r);
+    if (rv == CKR_OK && !r_done(&r))
+        rv = CKR_DEVICE_ERROR;
+    free(r.data);
+    if (rv != CKR_OK)
+        disconnect();
+    return rv;
+}
+
+/*
+ * Send one request (frees req) and read its reply into *reply, positioned after the
+ * signature.  An error reply returns its CKR; any malformed reply CKR_DEVICE_ERROR
+ * (and the connection is dropped).  reply->data is always safe to free().
+ */
+static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *reply)
+{
+    memset(reply, 0, sizeof(*reply));
+    if (req->failed) {
+        free(req->data);
+        return req->too_big ? CKR_ARGUMENTS_BAD : CKR_HOST_MEMORY;
+    }
+    if (g_fd < 0) {
+        CK_RV rv = connect_server();
+        if (rv != CKR_OK) {
+            free(req->data);
+            return CKR_DEVICE_ERROR;
+        }
+    }
+    uint32_t code = ++g_code;
+    wbuf head;
+    memset(&head, 0, sizeof(head));
+    w_u32(&head, code);
+    w_u32(&head, (uint32_t)(sizeof(MODULE_NAME) - 1));
+    w_u32(&head, (uint32_t)req->len);
+    int ok = !head.failed && send_all(g_fd, head.data, head.len) == 0 &&
+             send_all(g_fd, MODULE_NAME, sizeof(MODULE_NAME) - 1) == 0 &&
+             send_all(g_fd, req->data, req->len) == 0;
+    free(head.data);
+    free(req->data);
+    if (!ok)
+        goto broken;
+
+    uint8_t hdr[12];
+    if (recv_all(g_fd, hdr, sizeof(hdr)) < 0)
+        goto broken;
+    rbuf h = {hdr, sizeof(hdr), 0, 0};
+    uint32_t rcode = r_u32(&h), olen = r_u32(&h), blen = r_u32(&h);
+    if (rcode != code || olen > MAX_MESSAGE || blen > MAX_MESSAGE || blen < 8)
+        goto broken;
+    uint8_t *buf = malloc(olen > blen ? olen : blen);
+    if (buf == NULL)
+        goto broken;
+    if ((olen && recv_all(g_fd, buf, olen) < 0) || recv_all(g_fd, buf, blen) < 0) {
+        free(buf);
+        goto broken;
+    }
+    reply->data = buf;
+    reply->len = blen;
+
+    uint32_t got_id = r_u32(reply);
+    const uint8_t *sig;
+    uint32_t siglen;
+    if (r_bytes(reply, &sig, &siglen) < 0 || sig == NULL)
+        goto malformed;
+    if (got_id == CALL_ERROR) {
+        if (siglen != 1 || sig[0] != 'u')
+            goto malformed;
+        CK_RV err = r_ulong(reply);
+        if (!r_done(reply) || err == CKR_OK)
+            goto malformed;
+        free(reply->data);
+        memset(reply, 0, sizeof(*reply));
+        return err;
+    }
+    if (got_id != call_id || siglen != strlen(reply_sig) || memcmp(sig, reply_sig, siglen) != 0)
+        goto malformed;
+    return CKR_OK;
+
+malformed:
+    free(reply->data);
+    memset(reply, 0, sizeof(*reply));
+broken:
+    disconnect();
+    return CKR_DEVICE_ERROR;
+}
+
+/* Finish a reply: every byte consumed, or the connection is dropped. */
+static CK_RV finish(rbuf *r, CK_RV rv)
+{
+    if (!r_done(r)) {
+        disconnect();
+        rv = CKR_DEVICE_ERROR;
+    }
+    free(r->data);
+    r->data = NULL;
+    return rv;
+}
+
+/* ------------------------------------------------------------ call bracketing -- */
+
+static int ready(void) { return g_initialized && g_pid == getpid(); }
+
+#define ENTER()                                          \
+    do {                                                 \
+        pthread_mutex_lock(&g_lock);                     \
+        if (!ready()) {                                  \
+            pthread_mutex_unlock(&g_lock);               \
+            return CKR_CRYPTOKI_NOT_INITIALIZED;         \
+        }                                                \
+    } while (0)
+
+#define LEAVE(rv)                                        \
+    do {                                                 \
+        CK_RV leave_rv_ = (rv);                          \
+        pthread_mutex_unlock(&g_lock);                   \
+        return leave_rv_;                                \
+    } while (0)
+
+/* A call whose reply is empty. */
+static CK_RV simple_call(wbuf *w, uint32_t call_id)
+{
+    rbuf r;
+    CK_RV rv = transact(w, call_id, "", &r);
+    if (rv != CKR_OK)
+        return rv;
+    return finish(&r, CKR_OK);
+}
+
+/* "au" reply into a caller's CK_ULONG array (PKCS#11 size conventions). */
+static CK_RV read_ulong_array(rbuf *r, CK_ULONG *out, CK_ULONG *count)
+{
+    uint8_t valid = r_u8(r);
+    uint32_t n = r_u32(r);
+    if (r->bad || valid > 1 || n > MAX_ARRAY) {
+        r->bad = 1;
+        return CKR_DEVICE_ERROR;
+    }
+    if (!valid) {
+        CK_RV rv = (out != NULL && *count < n) ? CKR_BUFFER_TOO_SMALL : CKR_OK;
+        *count = n;
+        return rv;
+    }
+    if (out == NULL || n > *count) {
+        for (uint32_t i = 0; i < n; i++)
+            (void)r_u64(r);
+        CK_RV rv = out == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL;
+        *count = n;
+        return rv;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = r_ulong(r);
+    *count = n;
+    return CKR_OK;
+}
+
+/* "ay" reply into a caller's byte buffer (PKCS#11 size conventions). */
+static CK_RV read_byte_out(rbuf *r, CK_BYTE_PTR out, CK_ULONG_PTR len)
+{
+    uint8_t valid = r_u8(r);
+    if (r->bad || valid > 1) {
+        r->bad = 1;
+        return CKR_DEVICE_ERROR;
+    }
+    if (!valid) {
+        uint32_t n = r_u32(r);
+        if (r->bad || n > MAX_MESSAGE) {
+            r->bad = 1;
+            return CKR_DEVICE_ERROR;
+        }
+        CK_RV rv = out != NULL ? CKR_BUFFER_TOO_SMALL : CKR_OK;
+        *len = n;
+        return rv;
+    }
+    const uint8_t *p;
+    uint32_t n;
+    if (r_bytes(r, &p, &n) < 0)
+        return CKR_DEVICE_ERROR;
+    if (out == NULL) {
+        *len = n;
+        return CKR_OK;
+    }
+    if (n > *len) {
+        *len = n;
+        return CKR_BUFFER_TOO_SMALL;
+    }
+    if (n)
+        memcpy(out, p, n);
+    *len = n;
+    return CKR_OK;
+}
+
+/* ------------------------------------------------------- attribute encodings -- */
+
+enum value_kind { K_BYTE, K_ULONG, K_TEMPLATE, K_MECHANISMS, K_BYTES };
+
+static enum value_kind value_kind(CK_ATTRIBUTE_TYPE t)
+{
+    switch (t) {
+    case 0x001: case 0x002: case 0x086: case 0x103: case 0x104: case 0x105: case 0x106:
+    case 0x107: case 0x108: case 0x109: case 0x10a: case 0x10b: case 0x10c: case 0x162:
+    case 0x163: case 0x164: case 0x165: case 0x170: case 0x171: case 0x200: case 0x202:
+    case 0x210: case 0x301: case 0x302: case 0x405:
+        return K_BYTE;
+    case 0x000: case 0x080: case 0x087: case 0x088: case 0x100: case 0x121: case 0x133:
+    case 0x134: case 0x160: case 0x161: case 0x166: case 0x201: case 0x300: case 0x400:
+    case 0x401: case 0x402: case 0x403: case 0x404: case 0x406: case 0x500:
+        return K_ULONG;
+    case CKA_WRAP_TEMPLATE: case CKA_UNWRAP_TEMPLATE: case CKA_DERIVE_TEMPLATE:
+        return K_TEMPLATE;
+    case CKA_ALLOWED_MECHANISMS:
+        return K_MECHANISMS;
+    default:
+        return K_BYTES; /* includes CK_DATE and, in 0.24, CKA_PARAMETER_SET */
+    }
+}
+
+/* One "aA" request attribute (a search template). */
+static CK_RV write_attribute(wbuf *w, const CK_ATTRIBUTE *a)
+{
+    if (a->type > 0xffffffffUL)
+        return CKR_ATTRIBUTE_TYPE_INVALID;
+    w_u32(w, (uint32_t)a->type);
+    if (a->pValue == NULL) {
+        w_u8(w, 0);
+        return CKR_OK;
+    }
+    w_u8(w, 1);
+    if (a->ulValueLen >= MAX_MESSAGE)
+        return CKR_ATTRIBUTE_VALUE_INVALID;
+    w_u32(w, (uint32_t)a->ulValueLen);
+    switch (value_kind(a->type)) {
+    case K_BYTE:
+        if (a->ulValueLen != sizeof(CK_BBOOL))
+            return CKR_ATTRIBUTE_VALUE_INVALID;
+        w_u8(w, *(const CK_BBOOL *)a->pValue);
+        return CKR_OK;
+    case K_ULONG:
+        if (a->ulValueLen != sizeof(CK_ULONG))
+            return CKR_ATTRIBUTE_VALUE_INVALID;
+        w_u64(w, *(const CK_ULONG *)a->pValue);
+        return CKR_OK;
+    case K_MECHANISMS: {
+        if (a->ulValueLen % sizeof(CK_ULONG) != 0 ||
+            a->ulValueLen / sizeof(CK_ULONG) > MAX_ARRAY)
+            return CKR_ATTRIBUTE_VALUE_INVALID;
+        CK_ULONG n = a->ulValueLen / sizeof(CK_ULONG);
+        const CK_ULONG *m = a->pValue;
+        w_u32(w, (uint32_t)n);
+        for (CK_ULONG i = 0; i < n; i++)
+            w_u64(w, m[i]);
+        return CKR_OK;
+    }
+    case K_TEMPLATE:
+        return CKR_ATTRIBUTE_TYPE_INVALID; /* not in this slice */
+    case K_BYTES:
+    default:
+        w_bytes(w, a->pValue, a->ulValueLen);
+        return CKR_OK;
+    }
+}
+
+/* Skip (bounds-checked) one reply attribute value of a nested template. */
+static void skip_attribute(rbuf *r, int depth);
+
+static void skip_value(rbuf *r, CK_ATTRIBUTE_TYPE type, int depth)
+{
+    const uint8_t *p;
+    uint32_t n;
+    switch (value_kind(type)) {
+    case K_BYTE:
+        (void)r_u8(r);
+        break;
+    case K_ULONG:
+        (void)r_u64(r);
+        break;
+    case K_MECHANISMS:
+        n = r_u32(r);
+        if (n > MAX_ARRAY)
+            r->bad = 1;
+        for (uint32_t i = 0; i < n && !r->bad; i++)
+            (void)r_u64(r);
+        break;
+    case K_TEMPLATE:
+        n = r_u32(r);
+        if (n > MAX_ARRAY || depth >= MAX_DEPTH)
+            r->bad = 1;
+        for (uint32_t i = 0; i < n && !r->bad; i++)
+            skip_attribute(r, depth + 1);
+        break;
+    case K_BYTES:
+    default:
+        (void)r_bytes(r, &p, &n);
+        break;
+    }
+}
+
+static void skip_attribute(rbuf *r, int depth)
+{
+    CK_ATTRIBUTE_TYPE type = r_u32(r);
+    uint8_t valid = r_u8(r);
+    if (valid > 1)
+        r->bad = 1;
+    if (!valid || r->bad)
+        return;
+    if (r_u32(r) > MAX_MESSAGE)
+        r->bad = 1;
+    skip_value(r, type, depth);
+}
+
+/*
+ * One "aA" reply attribute into the caller's template entry.  Returns CKR_OK,
+ * CKR_BUFFER_TOO_SMALL or CKR_ATTRIBUTE_TYPE_INVALID for this attribute; a malformed
+ * value sets r->bad.
+ */
+static CK_RV read_attribute(rbuf *r, CK_ATTRIBUTE *a)
+{
+    uint32_t type = r_u32(r);
+    uint8_t valid = r_u8(r);
+    if (r->bad || valid > 1 || type != a->type) {
+        r->bad = 1;
+        return CKR_DEVICE_ERROR;
+    }
+    if (!valid) {
+        a->ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        return CKR_OK; /* the trailing return code says why */
+    }
+    uint32_t clen = r_u32(r);
+    if (clen > MAX_MESSAGE) {
+        r->bad = 1;
+        return CKR_DEVICE_ERROR;
+    }
+    CK_BBOOL b = 0;
+    CK_ULONG ul = 0;
+    const uint8_t *src = NULL;
+    size_t size = 0;
+    uint32_t count = 0;
+    switch (value_kind(a->type)) {
+    case K_BYTE:
+        b = r_u8(r);
+        src = &b;
+        size = sizeof(b);
+        break;
+    case K_ULONG:
+        ul = r_ulong(r);
+        src = (const uint8_t *)&ul;
+        size = sizeof(ul);
+        break;
+    case K_MECHANISMS:
+        count = r_u32(r);
+        if (count > MAX_ARRAY || (size_t)count * 8 > r->len - r->pos) {
+            r->bad = 1;
+            return CKR_DEVICE_ERROR;
+        }
+        size = (size_t)count * sizeof(CK_ULONG);
+        break;
+    case K_TEMPLATE:
+        skip_value(r, a->type, 0);
+        a->ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        return CKR_ATTRIBUTE_TYPE_INVALID; /* templates: not in this slice */
+    case K_BYTES:
+    default: {
+        uint32_t n;
+        if (r_bytes(r, &src, &n) < 0)
+            return CKR_DEVICE_ERROR;
+        size = n;
+        break;
+    }
+    }
+    if (r->bad)
+        return CKR_DEVICE_ERROR;
+    if (a->pValue == NULL) {
+        for (uint32_t i = 0; i < count; i++)
+            (void)r_u64(r);
+        a->ulValueLen = size;
+        return CKR_OK;
+    }
+    if (a->ulValueLen < size) {
+        for (uint32_t i = 0; i < count; i++)
+            (void)r_u64(r);
+        a->ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        return CKR_BUFFER_TOO_SMALL;
+    }
+    if (count) {
+        CK_ULONG *m = a->pValue;
+        for (uint32_t i = 0; i < count; i++)
+            m[i] = r_ulong(r);
+    } else if (size) {
+        memcpy(a->pValue, src, size);
+    }
+    a->ulValueLen = size;
+    return CKR_OK;
+}
+
+/* ------------------------------------------------------------ the C_* calls -- */
+
+CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
+{
+    if (pInitArgs != NULL) {
+        const CK_C_INITIALIZE_ARGS *args = pInitArgs;
+        int n = (args->CreateMutex != NULL) + (args->DestroyMutex != NULL) +
+                (args->LockMutex != NULL) + (args->UnlockMutex != NULL);
+        if (args->pReserved != NULL || (n != 0 && n != 4))
+            return CKR_ARGUMENTS_BAD;
+        /*
+         * With CKF_OS_LOCKING_OK (or no callbacks) we lock with pthreads.  Callbacks
+         * without CKF_OS_LOCKING_OK are not used in this slice: pthread mutexes are the
+         * native primitive such callbacks wrap on Linux (see README).
+         */
+    }
+    pthread_mutex_lock(&g_lock);
+    if (!g_atfork_registered) {
+        if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+            pthread_mutex_unlock(&g_lock);
+            return CKR_CANT_LOCK;
+        }
+        g_atfork_registered = 1;
+    }
+    if (g_initialized && g_pid == getpid()) {
+        pthread_mutex_unlock(&g_lock);
+        return CKR_CRYPTOKI_ALREADY_INITIALIZED;
+    }
+    if (g_initialized) {
+        /* A forked child: the inherited connection belongs to the parent. */
+        if (g_fd >= 0)
+            close(g_fd);
+        g_fd = -1;
+        g_initialized = 0;
+    }
+    CK_RV rv = connect_server();
+    if (rv == CKR_OK) {
+        g_initialized = 1;
+        g_pid = getpid();
+    }
+    pthread_mutex_unlock(&g_lock);
+    return rv;
+}
+
+CK_RV C_Finalize(CK_VOID_PTR pReserved)
+{
+    if (pReserved != NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    if (g_fd >= 0) {
+        wbuf w;
+        w_begin(&w, CALL_Finalize, "");
+        (void)simple_call(&w, CALL_Finalize); /* best effort */
+    }
+    disconnect();
+    g_initialized = 0;
+    LEAVE(CKR_OK);
+}
+
+CK_RV C_GetInfo(CK_INFO_PTR pInfo)
+{
+    if (pInfo == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetInfo, "");
+    CK_RV rv = transact(&w, CALL_GetInfo, "vsusv", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_INFO info;
+    memset(&info, 0, sizeof(info));
+    r_version(&r, &info.cryptokiVersion);
+    r_string(&r, info.manufacturerID, sizeof(info.manufacturerID));
+    info.flags = r_ulong(&r);
+    r_string(&r, info.libraryDescription, sizeof(info.libraryDescription));
+    r_version(&r, &info.libraryVersion);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK) {
+        /* This library speaks v2.40 whatever the server says. */
+        info.cryptokiVersion.major = 2;
+        info.cryptokiVersion.minor = 40;
+        *pInfo = info;
+    }
+    LEAVE(rv);
+}
+
+CK_RV C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList, CK_ULONG_PTR pulCount)
+{
+    if (pulCount == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetSlotList, "yfu");
+    w_u8(&w, tokenPresent ? 1 : 0);
+    w_fbuf(&w, pSlotList, *pulCount);
+    CK_RV rv = transact(&w, CALL_GetSlotList, "au", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_ulong_array(&r, pSlotList, pulCount);
+    LEAVE(finish(&r, rv));
+}
+
+CK_RV C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
+{
+    if (pInfo == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetSlotInfo, "u");
+    w_u64(&w, slotID);
+    CK_RV rv = transact(&w, CALL_GetSlotInfo, "ssuvv", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_SLOT_INFO info;
+    memset(&info, 0, sizeof(info));
+    r_string(&r, info.slotDescription, sizeof(info.slotDescription));
+    r_string(&r, info.manufacturerID, sizeof(info.manufacturerID));
+    info.flags = r_ulong(&r);
+    r_version(&r, &info.hardwareVersion);
+    r_version(&r, &info.firmwareVersion);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK)
+        *pInfo = info;
+    LEAVE(rv);
+}
+
+CK_RV C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
+{
+    if (pInfo == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetTokenInfo, "u");
+    w_u64(&w, slotID);
+    CK_RV rv = transact(&w, CALL_GetTokenInfo, "ssssuuuuuuuuuuuvvs", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_TOKEN_INFO info;
+    memset(&info, 0, sizeof(info));
+    r_string(&r, info.label, sizeof(info.label));
+    r_string(&r, info.manufacturerID, sizeof(info.manufacturerID));
+    r_string(&r, info.model, sizeof(info.model));
+    r_string(&r, info.serialNumber, sizeof(info.serialNumber));
+    info.flags = r_ulong(&r);
+    info.ulMaxSessionCount = r_ulong(&r);
+    info.ulSessionCount = r_ulong(&r);
+    info.ulMaxRwSessionCount = r_ulong(&r);
+    info.ulRwSessionCount = r_ulong(&r);
+    info.ulMaxPinLen = r_ulong(&r);
+    info.ulMinPinLen = r_ulong(&r);
+    info.ulTotalPublicMemory = r_ulong(&r);
+    info.ulFreePublicMemory = r_ulong(&r);
+    info.ulTotalPrivateMemory = r_ulong(&r);
+    info.ulFreePrivateMemory = r_ulong(&r);
+    r_version(&r, &info.hardwareVersion);
+    r_version(&r, &info.firmwareVersion);
+    r_string(&r, info.utcTime, sizeof(info.utcTime));
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK)
+        *pInfo = info;
+    LEAVE(rv);
+}
+
+CK_RV C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList,
+                         CK_ULONG_PTR pulCount)
+{
+    if (pulCount == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetMechanismList, "ufu");
+    w_u64(&w, slotID);
+    w_fbuf(&w, pMechanismList, *pulCount);
+    CK_RV rv = transact(&w, CALL_GetMechanismList, "au", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_ulong_array(&r, pMechanismList, pulCount);
+    LEAVE(finish(&r, rv));
+}
+
+CK_RV C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR pInfo)
+{
+    if (pInfo == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetMechanismInfo, "uu");
+    w_u64(&w, slotID);
+    w_u64(&w, type);
+    CK_RV rv = transact(&w, CALL_GetMechanismInfo, "uuu", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_MECHANISM_INFO info;
+    info.ulMinKeySize = r_ulong(&r);
+    info.ulMaxKeySize = r_ulong(&r);
+    info.flags = r_ulong(&r);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK)
+        *pInfo = info;
+    LEAVE(rv);
+}
+
+CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
+                    CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession)
+{
+    (void)pApplication; /* no notifications in this slice */
+    (void)Notify;
+    if (phSession == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_OpenSession, "uu");
+    w_u64(&w, slotID);
+    w_u64(&w, flags);
+    CK_RV rv = transact(&w, CALL_OpenSession, "u", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_SESSION_HANDLE h = r_ulong(&r);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK)
+        *phSession = h;
+    LEAVE(rv);
+}
+
+static CK_RV one_ulong_call(uint32_t call_id, CK_ULONG value)
+{
+    ENTER();
+    wbuf w;
+    w_begin(&w, call_id, "u");
+    w_u64(&w, value);
+    LEAVE(simple_call(&w, call_id));
+}
+
+CK_RV C_CloseSession(CK_SESSION_HANDLE hSession)
+{
+    return one_ulong_call(CALL_CloseSession, hSession);
+}
+
+CK_RV C_CloseAllSessions(CK_SLOT_ID slotID)
+{
+    return one_ulong_call(CALL_CloseAllSessions, slotID);
+}
+
+CK_RV C_Logout(CK_SESSION_HANDLE hSession) { return one_ulong_call(CALL_Logout, hSession); }
+
+CK_RV C_FindObjectsFinal(CK_SESSION_HANDLE hSession)
+{
+    return one_ulong_call(CALL_FindObjectsFinal, hSession);
+}
+
+CK_RV C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo)
+{
+    if (pInfo == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetSessionInfo, "u");
+    w_u64(&w, hSession);
+    CK_RV rv = transact(&w, CALL_GetSessionInfo, "uuuu", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_SESSION_INFO info;
+    info.slotID = r_ulong(&r);
+    info.state = r_ulong(&r);
+    info.flags = r_ulong(&r);
+    info.ulDeviceError = r_ulong(&r);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK)
+        *pInfo = info;
+    LEAVE(rv);
+}
+
+CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin,
+              CK_ULONG ulPinLen)
+{
+    if (pPin == NULL && ulPinLen != 0)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    w_begin(&w, CALL_Login, "uuay");
+    w_u64(&w, hSession);
+    w_u64(&w, userType);
+    w_ay(&w, pPin, ulPinLen);
+    CK_RV rv = simple_call(&w, CALL_Login);
+    LEAVE(rv);
+}
+
+CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
+                          CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount)
+{
+    if ((pTemplate == NULL && ulCount != 0) || ulCount > MAX_ARRAY)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GetAttributeValue, "uufA");
+    w_u64(&w, hSession);
+    w_u64(&w, hObject);
+    w_u32(&w, (uint32_t)ulCount);
+    for (CK_ULONG i = 0; i < ulCount; i++) {
+        if (pTemplate[i].type > 0xffffffffUL) {
+            free(w.data);
+            LEAVE(CKR_ATTRIBUTE_TYPE_INVALID);
+        }
+        w_u32(&w, (uint32_t)pTemplate[i].type);
+        w_fbuf(&w, pTemplate[i].pValue, pTemplate[i].ulValueLen);
+    }
+    CK_RV rv = transact(&w, CALL_GetAttributeValue, "aAu", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_RV local = CKR_OK;
+    if (r_u32(&r) != ulCount)
+        r.bad = 1;
+    for (CK_ULONG i = 0; i < ulCount && !r.bad; i++) {
+        CK_RV one = read_attribute(&r, &pTemplate[i]);
+        if (one != CKR_OK && local == CKR_OK)
+            local = one;
+    }
+    CK_RV remote = r_ulong(&r);
+    rv = remote != CKR_OK ? remote : local;
+    LEAVE(finish(&r, rv));
+}
+
+CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount)
+{
+    if ((pTemplate == NULL && ulCount != 0) || ulCount > MAX_ARRAY)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    w_begin(&w, CALL_FindObjectsInit, "uaA");
+    w_u64(&w, hSession);
+    w_u32(&w, (uint32_t)ulCount);
+    for (CK_ULONG i = 0; i < ulCount; i++) {
+        CK_RV rv = write_attribute(&w, &pTemplate[i]);
+        if (rv != CKR_OK) {
+            free(w.data);
+            LEAVE(rv);
+        }
+    }
+    LEAVE(simple_call(&w, CALL_FindObjectsInit));
+}
+
+CK_RV C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject,
+                    CK_ULONG ulMaxObjectCount, CK_ULONG_PTR pulObjectCount)
+{
+    if (phObject == NULL || pulObjectCount == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_FindObjects, "ufu");
+    w_u64(&w, hSession);
+    w_fbuf(&w, phObject, ulMaxObjectCount > MAX_ARRAY ? MAX_ARRAY : ulMaxObjectCount);
+    CK_RV rv = transact(&w, CALL_FindObjects, "au", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_ULONG count = ulMaxObjectCount;
+    rv = read_ulong_array(&r, phObject, &count);
+    if (rv == CKR_BUFFER_TOO_SMALL)
+        rv = CKR_DEVICE_ERROR; /* the server must not answer more than asked */
+    if (rv == CKR_OK)
+        *pulObjectCount = count;
+    rv = finish(&r, rv);
+    if (rv == CKR_DEVICE_ERROR)
+        disconnect();
+    LEAVE(rv);
+}
+
+CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
+{
+    if (pMechanism == NULL)
+        return CKR_ARGUMENTS_BAD;
+    /* This slice forwards parameterless mechanisms only (CKM_ECDSA's form). */
+    if (pMechanism->pParameter != NULL || pMechanism->ulParameterLen != 0)
+        return CKR_MECHANISM_PARAM_INVALID;
+    if (pMechanism->mechanism > 0xffffffffUL || pMechanism->mechanism == CKM_RSA_PKCS_PSS ||
+        pMechanism->mechanism == CKM_RSA_PKCS_OAEP)
+        return CKR_MECHANISM_INVALID;
+    ENTER();
+    wbuf w;
+    w_begin(&w, CALL_SignInit, "uMu");
+    w_u64(&w, hSession);
+    w_u32(&w, (uint32_t)pMechanism->mechanism);
+    w_bytes(&w, NULL, 0); /* no parameter */
+    w_u64(&w, hKey);
+    LEAVE(simple_call(&w, CALL_SignInit));
+}
+
+CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+             CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)
+{
+    if ((pData == NULL && ulDataLen != 0) || pulSignatureLen == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (ulDataLen >= MAX_MESSAGE)
+        return CKR_DATA_LEN_RANGE;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    static const CK_BYTE empty[1] = {0};
+    w_begin(&w, CALL_Sign, "uayfy");
+    w_u64(&w, hSession);
+    w_ay(&w, pData ? pData : empty, ulDataLen);
+    w_fbuf(&w, pSignature, *pulSignatureLen);
+    CK_RV rv = transact(&w, CALL_Sign, "ay", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_byte_out(&r, pSignature, pulSignatureLen);
+    LEAVE(finish(&r, rv));
+}
+
+CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_ULONG ulRandomLen)
+{
+    if (RandomData == NULL && ulRandomLen != 0)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    CK_RV rv = CKR_OK;
+    CK_ULONG done = 0;
+    do {
+        CK_ULONG want = ulRandomLen - done > RANDOM_CHUNK ? RANDOM_CHUNK : ulRandomLen - done;
+        wbuf w;
+        rbuf r;
+        w_begin(&w, CALL_GenerateRandom, "ufy");
+        w_u64(&w, hSession);
+        w_u32(&w, (uint32_t)want);
+        rv = transact(&w, CALL_GenerateRandom, "ay", &r);
+        if (rv != CKR_OK)
+            break;
+        CK_BYTE scratch[1];
+        CK_ULONG got = want;
+        rv = read_byte_out(&r, want ? RandomData + done : scratch, &got);
+        if (rv == CKR_OK && got != want)
+            rv = CKR_DEVICE_ERROR;
+        if (want == 0 && rv == CKR_BUFFER_TOO_SMALL)
+            rv = CKR_OK; /* zero bytes: the server answers a length-only array */
+        rv = finish(&r, rv);
+        if (rv != CKR_OK)
+            break;
+        done += want;
+    } while (done < ulRandomLen);
+    LEAVE(rv);
+}
+
+/* --------------------------------------------------- unsupported + the table -- */
+
+/*
+ * Every other v2.40 entry: CKR_FUNCTION_NOT_SUPPORTED.  IMPL_<name> marks the calls
+ * defined above; the preprocessor emits a stub for the rest.
+ */
+#define PROBE_ ~, 1
+#define SECOND_(a, b, ...) b
+#define IS_PROBE_(...) SECOND_(__VA_ARGS__, 0, )
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define IS_IMPL(name) IS_PROBE_(CAT(IMPL_, name))
+
+#define IMPL_C_Initialize PROBE_
+#define IMPL_C_Finalize PROBE_
+#define IMPL_C_GetInfo PROBE_
+#define IMPL_C_GetFunctionList PROBE_
+#define IMPL_C_GetSlotList PROBE_
+#define IMPL_C_GetSlotInfo PROBE_
+#define IMPL_C_GetTokenInfo PROBE_
+#define IMPL_C_GetMechanismList PROBE_
+#define IMPL_C_GetMechanismInfo PROBE_
+#define IMPL_C_OpenSession PROBE_
+#define IMPL_C_CloseSession PROBE_
+#define IMPL_C_CloseAllSessions PROBE_
+#define IMPL_C_GetSessionInfo PROBE_
+#define IMPL_C_Login PROBE_
+#define IMPL_C_Logout PROBE_
+#define IMPL_C_GetAttributeValue PROBE_
+#define IMPL_C_FindObjectsInit PROBE_
+#define IMPL_C_FindObjects PROBE_
+#define IMPL_C_FindObjectsFinal PROBE_
+#define IMPL_C_SignInit PROBE_
+#define IMPL_C_Sign PROBE_
+#define IMPL_C_GenerateRandom PROBE_
+
+#define STUB_1(name, params)
+#define STUB_0(name, params) \
+    CK_RV name params { return CKR_FUNCTION_NOT_SUPPORTED; }
+#define STUB(name, params) CAT(STUB_, IS_IMPL(name))(name, params)
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+CK_PKCS11_FUNCTIONS(STUB)
+#pragma GCC diagnostic pop
+
+static CK_FUNCTION_LIST g_function_list = {
+    {2, 40},
+#define ENTRY(name, params) name,
+    CK_PKCS11_FUNCTIONS(ENTRY)
+#undef ENTRY
+};
+
+CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionList)
+{
+    if (ppFunctionList == NULL)
+        return CKR_ARGUMENTS_BAD;
+    *ppFunctionList = &g_function_list;
+    return CKR_OK;
+}
