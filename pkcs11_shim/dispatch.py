@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from appliance.errors import CKR, ApplianceError, to_ckr
-from pkcs11_shim.model import MECHANISMS, CkrError, Client
+from pkcs11_shim.model import CkrError, Client
 from pkcs11_shim.rpc import ProtocolError, Reader, Writer, error_body
 
 __all__ = ["CALLS", "Call", "dispatch"]
@@ -101,7 +101,7 @@ def _get_mechanism_list(c: Client, r: Reader, w: Writer) -> None:
     size = r.fu()
     r.done()
     c.check_slot(slot)
-    _ulong_list(w, sorted(MECHANISMS), size)
+    _ulong_list(w, sorted(c.mechanisms()), size)
 
 
 def _get_mechanism_info(c: Client, r: Reader, w: Writer) -> None:

@@ -6,6 +6,10 @@ live (kind classical, state CLASSICAL, HYBRID or PQC_PREFERRED) the token shows 
 Which objects exist follows the key's state at every call: once a key leaves the
 classical states its handles are invalid.
 
+Connections that negotiated the pqhsm extension (:attr:`Client.extended`, README) also see
+EdDSA (``CKK_EC_EDWARDS``) and ML-DSA-87 (``CKK_ML_DSA``) objects and sign with
+``CKM_EDDSA``, ``CKM_ECDSA_SHA256/384/512`` and ``CKM_ML_DSA``.
+
 Each client connection (one PKCS#11 application) gets a :class:`Client`: its own
 sessions, login state, and object handles, stable for the life of the connection.
 
@@ -53,6 +57,10 @@ UNAVAILABLE: Final = 0xFFFFFFFFFFFFFFFF  # CK_UNAVAILABLE_INFORMATION
 CKO_PUBLIC_KEY: Final = 2
 CKO_PRIVATE_KEY: Final = 3
 CKK_EC: Final = 3
+CKK_EC_EDWARDS: Final = 0x40
+CKK_ML_DSA: Final = 0x4A
+CKA_PARAMETER_SET: Final = 0x61D
+CKP_ML_DSA_87: Final = 3
 CKA_CLASS: Final = 0x000
 CKA_TOKEN: Final = 0x001
 CKA_PRIVATE: Final = 0x002
@@ -91,6 +99,16 @@ CKM_SHA384: Final = 0x260
 CKM_SHA512: Final = 0x270
 CKM_EC_KEY_PAIR_GEN: Final = 0x1040
 CKM_ECDSA: Final = 0x1041
+CKM_ECDSA_SHA256: Final = 0x1044
+CKM_ECDSA_SHA384: Final = 0x1045
+CKM_ECDSA_SHA512: Final = 0x1046
+CKM_EC_EDWARDS_KEY_PAIR_GEN: Final = 0x1055
+CKM_EDDSA: Final = 0x1057
+CKM_ML_DSA_KEY_PAIR_GEN: Final = 0x1C
+CKM_ML_DSA: Final = 0x1D
+CKH_HEDGE_PREFERRED: Final = 0
+CKH_HEDGE_REQUIRED: Final = 1
+CKH_DETERMINISTIC_REQUIRED: Final = 2
 CKF_HW: Final = 0x1
 CKF_DIGEST: Final = 0x400
 CKF_SIGN: Final = 0x800
@@ -148,6 +166,25 @@ MECHANISMS: Final[dict[int, tuple[int, int, int]]] = {
     CKM_SHA384: (0, 0, CKF_DIGEST),
     CKM_SHA512: (0, 0, CKF_DIGEST),
 }
+#: Extra mechanisms for connections that negotiated the pqhsm extension (README).
+EXT_MECHANISMS: Final[dict[int, tuple[int, int, int]]] = {
+    CKM_ECDSA_SHA256: (256, 384, CKF_HW | CKF_SIGN | _EC_FLAGS),
+    CKM_ECDSA_SHA384: (256, 384, CKF_HW | CKF_SIGN | _EC_FLAGS),
+    CKM_ECDSA_SHA512: (256, 384, CKF_HW | CKF_SIGN | _EC_FLAGS),
+    CKM_EDDSA: (255, 448, CKF_HW | CKF_SIGN),
+    CKM_ML_DSA: (CKP_ML_DSA_87, CKP_ML_DSA_87, CKF_HW | CKF_SIGN),
+}
+#: CKM_ECDSA_SHA* -> the hash computed host-side before the token signs the digest.
+_ECDSA_HASH: Final[dict[int, str]] = {
+    CKM_ECDSA_SHA256: "sha256",
+    CKM_ECDSA_SHA384: "sha384",
+    CKM_ECDSA_SHA512: "sha512",
+}
+#: Object parts: the classical key ("classical") or the ML-DSA-87 part ("ml-dsa").
+CLASSICAL: Final = "classical"
+ML_DSA: Final = "ml-dsa"
+MAX_CONTEXT: Final = 255
+MLDSA87_SIG_LEN: Final = 4627
 _LIVE_CLASSICAL: Final = (KeyState.CLASSICAL, KeyState.HYBRID, KeyState.PQC_PREFERRED)
 
 
@@ -169,6 +206,73 @@ def _ecdsa_key(key: KeyInfo) -> bool:
     )
 
 
+def _eddsa_key(key: KeyInfo) -> bool:
+    return (
+        key.kind is KeyKind.CLASSICAL
+        and key.state in _LIVE_CLASSICAL
+        and key.classical_alg in ("ed25519", "ed448")
+        and key.cka_id is not None
+        and key.classical_spki is not None
+    )
+
+
+def _mldsa_key(key: KeyInfo) -> bool:
+    return key.kind in (KeyKind.CLASSICAL, KeyKind.MLDSA) and key.pqc_public is not None
+
+
+def cka_id_of(key: KeyInfo) -> bytes:
+    """The key's CKA_ID (born ML-DSA-87 keys: the id their key_id was made from)."""
+    if key.cka_id is not None:
+        return key.cka_id
+    try:
+        return bytes.fromhex(key.key_id)
+    except ValueError:
+        return key.key_id.encode("utf-8")
+
+
+def ext_parts(key: KeyInfo) -> list[str]:
+    """The object parts an extended connection sees for ``key`` in its state."""
+    parts = [CLASSICAL] if _ecdsa_key(key) or _eddsa_key(key) else []
+    if _mldsa_key(key):
+        parts.append(ML_DSA)
+    return parts
+
+
+def parse_mldsa_param(param: bytes | tuple[int, ...] | None) -> bytes:
+    """The context of a ``CKM_ML_DSA`` parameter (README: u64 hedge, u32 len, context).
+
+    :raises CkrError: ``CKR_MECHANISM_PARAM_INVALID``: malformed, deterministic
+        signing required (the backend signs hedged only) or a context over 255 bytes.
+    """
+    if not param:
+        return b""
+    if isinstance(param, tuple) or len(param) < 12:
+        raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+    hedge = int.from_bytes(param[:8], "big")
+    n = int.from_bytes(param[8:12], "big")
+    ctx = param[12:]
+    if hedge not in (CKH_HEDGE_PREFERRED, CKH_HEDGE_REQUIRED) or n != len(ctx):
+        raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+    if n > MAX_CONTEXT:
+        raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+    return ctx
+
+
+def check_eddsa_param(param: bytes | tuple[int, ...] | None, alg: str) -> None:
+    """Check an optional ``CK_EDDSA_PARAMS`` (README: u8 phFlag, u32 len, context).
+
+    :raises CkrError: ``CKR_MECHANISM_PARAM_INVALID``: prehash requested, a context
+        for Ed25519, a non-empty context for Ed448, or malformed.
+    """
+    if param is None or param == b"":
+        return
+    if isinstance(param, tuple) or len(param) < 5:
+        raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+    ph, n, ctx = param[0], int.from_bytes(param[1:5], "big"), param[5:]
+    if alg != "ed448" or ph != 0 or n != len(ctx) or ctx:
+        raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+
+
 def _der_octet_string(data: bytes) -> bytes:
     n = len(data)
     if n < 0x80:
@@ -176,6 +280,67 @@ def _der_octet_string(data: bytes) -> bytes:
     if n < 0x100:
         return b"\x04\x81" + bytes((n,)) + data
     return b"\x04\x82" + n.to_bytes(2, "big") + data
+
+
+def _common(key: KeyInfo, cls: int, key_type: int, gen: int) -> dict[int, AttrValue]:
+    attrs: dict[int, AttrValue] = {
+        CKA_CLASS: cls,
+        CKA_TOKEN: True,
+        CKA_PRIVATE: cls == CKO_PRIVATE_KEY,
+        CKA_LABEL: key.label.encode("utf-8"),
+        CKA_ID: cka_id_of(key),
+        CKA_KEY_TYPE: key_type,
+        CKA_SUBJECT: b"",
+        CKA_LOCAL: key.origin == "generated",
+        CKA_KEY_GEN_MECHANISM: gen if key.origin == "generated" else UNAVAILABLE,
+        CKA_MODIFIABLE: False,
+        CKA_COPYABLE: False,
+        CKA_DESTROYABLE: False,
+        CKA_DERIVE: False,
+    }
+    if cls == CKO_PRIVATE_KEY:
+        attrs.update(
+            {
+                CKA_SENSITIVE: True,
+                CKA_ALWAYS_SENSITIVE: True,
+                CKA_EXTRACTABLE: False,
+                CKA_NEVER_EXTRACTABLE: True,
+                CKA_SIGN: True,
+                CKA_SIGN_RECOVER: False,
+                CKA_DECRYPT: False,
+                CKA_UNWRAP: False,
+                CKA_ALWAYS_AUTHENTICATE: False,
+            }
+        )
+    else:
+        attrs.update(
+            {CKA_VERIFY: True, CKA_VERIFY_RECOVER: False, CKA_ENCRYPT: False, CKA_WRAP: False}
+        )
+    return attrs
+
+
+def ext_object_attributes(key: KeyInfo, cls: int, part: str) -> dict[int, AttrValue]:
+    """Attributes of an object an extended connection sees (EC, EdDSA or ML-DSA-87)."""
+    if part == ML_DSA:
+        attrs = _common(key, cls, CKK_ML_DSA, CKM_ML_DSA_KEY_PAIR_GEN)
+        attrs[CKA_PARAMETER_SET] = CKP_ML_DSA_87.to_bytes(8, "little")
+        attrs[CKA_ALLOWED_MECHANISMS] = (CKM_ML_DSA,)
+        if cls == CKO_PUBLIC_KEY:
+            attrs[CKA_VALUE] = key.pqc_public or b""
+        return attrs
+    if _eddsa_key(key):
+        alg = parse_alg(key.classical_alg or "")
+        attrs = _common(key, cls, CKK_EC_EDWARDS, CKM_EC_EDWARDS_KEY_PAIR_GEN)
+        attrs[CKA_EC_PARAMS] = der_oid(alg.curve_oid)
+        attrs[CKA_ALLOWED_MECHANISMS] = (CKM_EDDSA,)
+        if cls == CKO_PUBLIC_KEY:
+            pub = load_spki(key.classical_spki or b"")
+            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            attrs[CKA_EC_POINT] = _der_octet_string(raw)
+        return attrs
+    attrs = object_attributes(key, cls)
+    attrs[CKA_ALLOWED_MECHANISMS] = (CKM_ECDSA, *_ECDSA_HASH)
+    return attrs
 
 
 def object_attributes(key: KeyInfo, cls: int) -> dict[int, AttrValue]:
@@ -312,6 +477,8 @@ class Session:
     flags: int
     found: list[int] | None = None
     sign_key: str | None = None  # key_id while C_Sign is active
+    sign_mech: int = CKM_ECDSA  # the active sign mechanism (extension: others too)
+    sign_context: bytes = b""  # CKM_ML_DSA context of the active operation
     verify_key: str | None = None  # key_id while C_Verify is active
     digest: hashlib._Hash | None = None  # while C_Digest* is active
     digest_fed: int = 0  # bytes hashed so far (bounded by MAX_DIGEST_INPUT)
@@ -325,12 +492,13 @@ class Client:
     """
 
     model: Pkcs11Model
+    extended: bool = False  # negotiated the pqhsm extension (version byte 0x50)
     initialized: bool = False
     logged_in: bool = False
     sessions: dict[int, Session] = field(default_factory=dict)
     _next_session: int = 1
-    _handles: dict[tuple[str, int], int] = field(default_factory=dict)
-    _objects: dict[int, tuple[str, int]] = field(default_factory=dict)
+    _handles: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    _objects: dict[int, tuple[str, int, str]] = field(default_factory=dict)
 
     # -- general -------------------------------------------------------------------------
 
@@ -379,9 +547,13 @@ class Client:
     def mechanism_info(self, slot_id: int, mech: int) -> tuple[int, int, int]:
         self._slot(slot_id)
         try:
-            return MECHANISMS[mech]
+            return self.mechanisms()[mech]
         except KeyError:
             raise CkrError(CKR.MECHANISM_INVALID) from None
+
+    def mechanisms(self) -> dict[int, tuple[int, int, int]]:
+        """The mechanisms this connection sees (more once the extension is negotiated)."""
+        return {**MECHANISMS, **EXT_MECHANISMS} if self.extended else MECHANISMS
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -439,36 +611,55 @@ class Client:
 
     # -- objects -------------------------------------------------------------------------
 
-    def _visible(self) -> dict[int, tuple[KeyInfo, int]]:
-        """Handle -> (key, class) for every object the client may see now."""
-        out: dict[int, tuple[KeyInfo, int]] = {}
-        for key in self.model.ecdsa_keys():
-            classes = [CKO_PUBLIC_KEY, CKO_PRIVATE_KEY] if self.logged_in else [CKO_PUBLIC_KEY]
+    def _visible_parts(self) -> dict[int, tuple[KeyInfo, int, str]]:
+        """Handle -> (key, class, part) for every object the client may see now."""
+        out: dict[int, tuple[KeyInfo, int, str]] = {}
+        classes = [CKO_PUBLIC_KEY, CKO_PRIVATE_KEY] if self.logged_in else [CKO_PUBLIC_KEY]
+        if self.extended:
+            keys = [(k, p) for k in self.model.app.keys() for p in ext_parts(k)]
+        else:
+            keys = [(k, CLASSICAL) for k in self.model.ecdsa_keys()]
+        for key, part in keys:
             for cls in classes:
-                ref = (key.key_id, cls)
+                ref = (key.key_id, cls, part)
                 handle = self._handles.get(ref)
                 if handle is None:
                     handle = len(self._handles) + 1
                     self._handles[ref] = handle
                     self._objects[handle] = ref
-                out[handle] = (key, cls)
+                out[handle] = (key, cls, part)
         return out
+
+    def _visible(self) -> dict[int, tuple[KeyInfo, int]]:
+        """Handle -> (key, class) for every object the client may see now."""
+        return {h: (k, c) for h, (k, c, _) in self._visible_parts().items()}
+
+    def _attributes(self, key: KeyInfo, cls: int, part: str) -> dict[int, AttrValue]:
+        if self.extended:
+            return ext_object_attributes(key, cls, part)
+        return object_attributes(key, cls)
+
+    def _object_part(
+        self, handle: int, *, invalid: int = CKR.OBJECT_HANDLE_INVALID
+    ) -> tuple[KeyInfo, int, str]:
+        try:
+            return self._visible_parts()[handle]
+        except KeyError:
+            raise CkrError(invalid) from None
 
     def _object(
         self, handle: int, *, invalid: int = CKR.OBJECT_HANDLE_INVALID
     ) -> tuple[KeyInfo, int]:
-        try:
-            return self._visible()[handle]
-        except KeyError:
-            raise CkrError(invalid) from None
+        key, cls, _ = self._object_part(handle, invalid=invalid)
+        return key, cls
 
     def find_init(self, handle: int, template: list[Attribute]) -> None:
         s = self._session(handle)
         if s.found is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
         found: list[int] = []
-        for h, (key, cls) in sorted(self._visible().items()):
-            attrs = object_attributes(key, cls)
+        for h, (key, cls, part) in sorted(self._visible_parts().items()):
+            attrs = self._attributes(key, cls, part)
             if all(a.type in attrs and attrs[a.type] == a.value for a in template):
                 found.append(h)
         s.found = found
@@ -491,8 +682,8 @@ class Client:
     ) -> tuple[list[Attribute], int]:
         """Values for ``template`` and the call's real return code (``aAu``)."""
         self._session(handle)
-        key, cls = self._object(obj)
-        attrs = object_attributes(key, cls)
+        key, cls, part = self._object_part(obj)
+        attrs = self._attributes(key, cls, part)
         rv: int = CKR.OK
         out: list[Attribute] = []
         for atype, length in template:
@@ -522,14 +713,29 @@ class Client:
             raise CkrError(CKR.OPERATION_ACTIVE)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
-        if mech.type != CKM_ECDSA:
+        signing = (CKM_ECDSA, *EXT_MECHANISMS) if self.extended else (CKM_ECDSA,)
+        if mech.type not in signing:
             raise CkrError(CKR.MECHANISM_INVALID)
-        if mech.param:
-            raise CkrError(CKR.MECHANISM_PARAM_INVALID)
-        key, cls = self._object(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
+        key, cls, part = self._object_part(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
         if cls != CKO_PRIVATE_KEY:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
+        context = b""
+        if mech.type == CKM_ML_DSA:
+            context = parse_mldsa_param(mech.param)
+            ok = part == ML_DSA
+        elif mech.type == CKM_EDDSA:
+            ok = part == CLASSICAL and _eddsa_key(key)
+            if ok:
+                check_eddsa_param(mech.param, key.classical_alg or "")
+        else:
+            if mech.param:
+                raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+            ok = part == CLASSICAL and _ecdsa_key(key)
+        if not ok:
+            raise CkrError(CKR.KEY_TYPE_INCONSISTENT)
         s.sign_key = key.key_id
+        s.sign_mech = mech.type
+        s.sign_context = context
 
     def sign_length(self, handle: int) -> int:
         """The signature length of the active operation (for size queries)."""
@@ -537,6 +743,10 @@ class Client:
         if s.sign_key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
         key = self.model.app.key(s.sign_key)
+        if s.sign_mech == CKM_ML_DSA:
+            return MLDSA87_SIG_LEN
+        if s.sign_mech == CKM_EDDSA:
+            return 64 if key.classical_alg == "ed25519" else 114
         return 2 * parse_alg(key.classical_alg or "").coord_len
 
     def sign(self, handle: int, data: bytes | None) -> bytes:
@@ -545,17 +755,43 @@ class Client:
         key_id, s.sign_key = s.sign_key, None
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        if data is None or not data:
+        if data is None or (not data and s.sign_mech == CKM_ECDSA):
             raise CkrError(CKR.ARGUMENTS_BAD)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
         key = self.model.app.key(key_id)
+        if s.sign_mech != CKM_ECDSA:
+            return self._sign_ext(s, key, data)
         if not _ecdsa_key(key):
             raise CkrError(CKR.KEY_HANDLE_INVALID)
         if len(data) > MAX_ECDSA_INPUT:
             raise CkrError(CKR.DATA_LEN_RANGE)
         sig = self.model.app.sign(key, data, kind="classical", raw=True, prehashed=True)
         log.info("signed %d-byte digest with key %s", len(data), key.label)
+        return sig
+
+    def _sign_ext(self, s: Session, key: KeyInfo, data: bytes) -> bytes:
+        """Sign a whole message with an extension mechanism (key state checked again)."""
+        mech = s.sign_mech
+        app = self.model.app
+        if len(data) > MAX_DIGEST_INPUT:
+            raise CkrError(CKR.DATA_LEN_RANGE)
+        if mech == CKM_ML_DSA:
+            if not _mldsa_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            sig = app.sign(key, data, kind="ml-dsa", context=s.sign_context)
+        elif mech == CKM_EDDSA:
+            if not _eddsa_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            sig = app.sign(key, data, kind="classical")
+        else:
+            if not _ecdsa_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            digest = hashlib.new(_ECDSA_HASH[mech], data).digest()
+            sig = app.sign(key, digest, kind="classical", raw=True, prehashed=True)
+        log.info(
+            "signed a %d-byte message with key %s (mechanism 0x%x)", len(data), key.label, mech
+        )
         return sig
 
     # -- digests ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The socket file is 0600 inside a directory only its owner can enter (0700), and every
 peer's uid (``SO_PEERCRED``) must be ours or root's.  One thread serves each connection:
-after the one-byte version handshake (the client offers a version, we answer 0), the
+after the one-byte version handshake (the client offers 0, p11-kit, or 0x50, the pqhsm
+extension of libpqhsm-pkcs11.so, and we echo it; any other byte closes the connection), the
 client sends frames as three writes (header, options, body), read here with exact
 lengths.  A frame that does not parse closes that connection only; every other client
 keeps being served.
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 PROTOCOL_VERSION: Final = 0
+#: Version byte of the pqhsm extension v1 (libpqhsm-pkcs11.so only; README).
+EXTENSION_VERSION: Final = 0x50
 MAX_CONNECTIONS: Final = 64
 DEFAULT_IDLE_TIMEOUT: Final = 300.0
 
@@ -183,7 +186,11 @@ class Server:
         try:
             version = _recv_exact(conn, 1, at_start=True)[0]
             log.debug("client offers protocol version %d", version)
-            conn.sendall(bytes((PROTOCOL_VERSION,)))
+            if version == EXTENSION_VERSION:
+                client.extended = True
+            elif version != PROTOCOL_VERSION:
+                raise ProtocolError(f"unsupported protocol version {version}")
+            conn.sendall(bytes((version,)))
             while not self._closing.is_set():
                 header = Header.parse(_recv_exact(conn, HEADER.size, at_start=True))
                 if max(header.options_len, header.body_len) > self.max_message:

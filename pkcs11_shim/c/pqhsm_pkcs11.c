@@ -2,7 +2,8 @@
  * libpqhsm-pkcs11.so - the pqhsm appliance's own PKCS#11 module (slice 1).
  *
  * Forwards PKCS#11 calls over a Unix socket to the appliance's front end
- * (python -m pkcs11_shim serve), speaking the p11-kit 0.24 RPC protocol, version 0,
+ * (python -m pkcs11_shim serve), speaking the p11-kit 0.24 RPC protocol (offering the
+ * pqhsm extension, version byte 0x50, and accepting a plain version-0 answer),
  * exactly as p11-kit's client module encodes it (DESIGN §8).  One connection per
  * process, one request at a time (a pthread mutex around every call).
  *
@@ -32,6 +33,9 @@
 #define NULL_LEN 0xffffffffu
 #define RANDOM_CHUNK 16384u
 #define IO_TIMEOUT_SECONDS 30
+#define EXTENSION_VERSION 0x50 /* pqhsm extension v1 (README.md) */
+#define MAX_SIGN_CONTEXT 255u
+#define PARAM_MAX (12u + MAX_SIGN_CONTEXT)
 
 static const char HANDSHAKE[] = "PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1";
 static const char MODULE_NAME[] = "libpqhsm-pkcs11.so";
@@ -325,9 +329,10 @@ static CK_RV connect_server(void)
     struct timeval tv = {IO_TIMEOUT_SECONDS, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    uint8_t version = 0;
+    /* Offer the pqhsm extension; a plain p11-kit server answers 0 (version 0 only). */
+    uint8_t version = EXTENSION_VERSION;
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || send_all(fd, &version, 1) < 0 ||
-        recv_all(fd, &version, 1) < 0 || version != 0) {
+        recv_all(fd, &version, 1) < 0 || (version != 0 && version != EXTENSION_VERSION)) {
         close(fd);
         return CKR_DEVICE_ERROR;
     }
@@ -1107,22 +1112,74 @@ CK_RV C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject,
     LEAVE(rv);
 }
 
+static void put_be(uint8_t *p, uint64_t v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (uint8_t)(v >> (8 * (n - 1 - i)));
+}
+
+/*
+ * The pqhsm extension's parameter encoding (README.md), carried as the M field's bytes:
+ * CKM_ML_DSA    CK_SIGN_ADDITIONAL_CONTEXT -> u64 hedgeVariant | u32 len | context
+ * CKM_EDDSA     CK_EDDSA_PARAMS            -> u8 phFlag | u32 len | context
+ * Every other mechanism: no parameter.  No parameter at all encodes as zero bytes.
+ */
+static CK_RV encode_sign_param(const CK_MECHANISM *m, uint8_t *out, size_t *out_len)
+{
+    *out_len = 0;
+    if (m->pParameter == NULL) {
+        if (m->ulParameterLen != 0)
+            return CKR_MECHANISM_PARAM_INVALID;
+        return CKR_OK;
+    }
+    if (m->mechanism == CKM_ML_DSA) {
+        if (m->ulParameterLen != sizeof(CK_SIGN_ADDITIONAL_CONTEXT))
+            return CKR_MECHANISM_PARAM_INVALID;
+        const CK_SIGN_ADDITIONAL_CONTEXT *p = m->pParameter;
+        if (p->ulContextLen > MAX_SIGN_CONTEXT || (p->pContext == NULL && p->ulContextLen != 0))
+            return CKR_MECHANISM_PARAM_INVALID;
+        put_be(out, p->hedgeVariant, 8);
+        put_be(out + 8, p->ulContextLen, 4);
+        if (p->ulContextLen)
+            memcpy(out + 12, p->pContext, p->ulContextLen);
+        *out_len = 12 + (size_t)p->ulContextLen;
+        return CKR_OK;
+    }
+    if (m->mechanism == CKM_EDDSA) {
+        if (m->ulParameterLen != sizeof(CK_EDDSA_PARAMS))
+            return CKR_MECHANISM_PARAM_INVALID;
+        const CK_EDDSA_PARAMS *p = m->pParameter;
+        if (p->ulContextDataLen > MAX_SIGN_CONTEXT ||
+            (p->pContextData == NULL && p->ulContextDataLen != 0))
+            return CKR_MECHANISM_PARAM_INVALID;
+        out[0] = p->phFlag ? 1 : 0;
+        put_be(out + 1, p->ulContextDataLen, 4);
+        if (p->ulContextDataLen)
+            memcpy(out + 5, p->pContextData, p->ulContextDataLen);
+        *out_len = 5 + (size_t)p->ulContextDataLen;
+        return CKR_OK;
+    }
+    return CKR_MECHANISM_PARAM_INVALID; /* no other mechanism takes a parameter */
+}
+
 CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
 {
     if (pMechanism == NULL)
         return CKR_ARGUMENTS_BAD;
-    /* This slice forwards parameterless mechanisms only (CKM_ECDSA's form). */
-    if (pMechanism->pParameter != NULL || pMechanism->ulParameterLen != 0)
-        return CKR_MECHANISM_PARAM_INVALID;
     if (pMechanism->mechanism > 0xffffffffUL || pMechanism->mechanism == CKM_RSA_PKCS_PSS ||
         pMechanism->mechanism == CKM_RSA_PKCS_OAEP)
         return CKR_MECHANISM_INVALID;
+    uint8_t param[PARAM_MAX];
+    size_t param_len = 0;
+    CK_RV prv = encode_sign_param(pMechanism, param, &param_len);
+    if (prv != CKR_OK)
+        return prv;
     ENTER();
     wbuf w;
     w_begin(&w, CALL_SignInit, "uMu");
     w_u64(&w, hSession);
     w_u32(&w, (uint32_t)pMechanism->mechanism);
-    w_bytes(&w, NULL, 0); /* no parameter */
+    w_bytes(&w, param_len ? param : NULL, param_len); /* empty: no parameter */
     w_u64(&w, hKey);
     LEAVE(simple_call(&w, CALL_SignInit));
 }
