@@ -23,7 +23,6 @@ constant time (a warning is logged once).  PINs are never logged.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import threading
@@ -40,7 +39,7 @@ from appliance import clientpins
 from appliance.algorithms import der_oid, load_spki, parse_alg
 from appliance.errors import CKR
 from appliance.keys import KeyInfo, KeyKind, KeyState
-from appliance.secret import SecretBytes
+from appliance.secret import SecretBytes, ct_equal
 from appliance.service import Appliance
 from pkcs11_shim.rpc import HANDSHAKE, Attribute, AttrValue, Mechanism
 
@@ -445,7 +444,7 @@ class Pkcs11Model:
                     "(interim); run 'python -m pkcs11_shim set-pin'",
                     self.pin_home,
                 )
-        if not hmac.compare_digest(bytes(self._pin.view()), pin):
+        if not ct_equal(self._pin, pin):  # no immutable copy of the stored PIN
             raise CkrError(CKR.PIN_INCORRECT)
 
     def pin_flags(self) -> int:

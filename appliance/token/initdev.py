@@ -56,9 +56,12 @@ def _token_info(lib: ctypes.CDLL, slot: int) -> tuple[str, int]:
 
 
 def _pin_arg(pin: SecretBytes) -> ctypes.Array[ctypes.c_char]:
-    # ctypes needs its own buffer; it is a mutable C array, wiped by the caller.
+    # ctypes needs its own buffer; it is a mutable C array, wiped by the caller.  The PIN is
+    # copied straight from the wipeable bytearray, with no immutable bytes in between.
     buf = ctypes.create_string_buffer(len(pin))
-    ctypes.memmove(buf, bytes(pin.view()), len(pin))  # short-lived bytes for memmove
+    src = (ctypes.c_char * len(pin)).from_buffer(pin.view())
+    ctypes.memmove(buf, src, len(pin))
+    del src  # release the export so the SecretBytes can be wiped (resized) later
     return buf
 
 
