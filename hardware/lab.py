@@ -11,10 +11,9 @@ One :class:`Scenario` format runs in two places:
 Per cut: copy the prepared appliance home; load the workload (open the appliance, print
 ``opened``, run the operation, print progress); relay ON; wait for ``opened``; wait the
 chosen delay; relay OFF (the power cut); wait ``off_seconds``; load the checker; relay ON
-(power up = boot = recovery); the checker opens the appliance — which recovers — and checks
-I1, I3, I4 (WAL verifies, a second recovery appends nothing), I5 and that no key is DAMAGED;
-relay OFF.  I2 is not checked here: it needs a raw PKCS#11 session (the crash suite's
-checker does it), and a power cut cannot make a sensitive key extractable.  I6 holds by
+(power up = boot = recovery); the checker (:mod:`appliance.migration.invariants`, shared
+with the crash suite) opens the appliance — which recovers — and checks I1 to I5, that a
+second recovery appends nothing and that no key is DAMAGED; relay OFF.  I6 holds by
 construction: replay refuses any transition off the edges.
 
 A cut that does not take effect (the process still running after OFF, or never started after
@@ -81,58 +80,8 @@ app.close()
 print("done", flush=True)
 """
 
-# The checker (power-up): recover, check I1, I3, I4, I5; print a JSON verdict.
-CHECK = r"""
-import json, sys
-from pathlib import Path
-from appliance.config import load_config
-from appliance.keys import KeyState as S
-from appliance.secret import SecretBytes
-from appliance.service import Appliance
-from appliance.wal import verify_chain
-home, secrets = Path(sys.argv[1]), Path(sys.argv[2])
-could_sign = json.loads(sys.argv[3])
-read = lambda n: SecretBytes((secrets / n).read_bytes().strip())
-cfg = load_config(home)
-problems = []
-app = Appliance.open(cfg, pin=read("token-pin"), passphrase=read("passphrase"))
-first = app.last_recovery.to_json() if app.last_recovery is not None else None
-n1 = len(app.wal)
-states = {}
-for k in app.keys():
-    states[k.label] = k.state.value
-    if k.state is S.PQC_ONLY and k.cka_id is not None and app.token.has_private_key(k.cka_id):
-        problems.append(f"I1: {k.label} is PQC_ONLY but its classical key exists")
-    if k.state in (S.HYBRID, S.PQC_PREFERRED, S.FINALIZING, S.PQC_ONLY):
-        try:
-            app.keystore.open_mldsa(k.key_id, expect_public=k.pqc_public,
-                                    expect_digest=k.blob_sha3)
-        except Exception as exc:
-            problems.append(f"I3: {k.label}: {type(exc).__name__}: {exc}")
-labels = {k.label: k for k in app.keys()}
-for label in could_sign:
-    if label not in labels:
-        problems.append(f"I5: {label} vanished")
-        continue
-    try:
-        app.sign(labels[label], b"after the power cut")
-    except Exception as exc:
-        problems.append(f"I5: {label} cannot sign: {type(exc).__name__}: {exc}")
-if app.damaged:
-    problems.append(f"damaged: {app.damaged}")
-app.close()
-try:
-    verify_chain(home / "wal")
-except Exception as exc:
-    problems.append(f"I4: WAL does not verify: {exc}")
-app = Appliance.open(cfg, pin=read("token-pin"), passphrase=read("passphrase"))
-second = app.last_recovery
-n2 = len(app.wal)
-app.close()
-if n2 != n1 or (second is not None and not second.clean):
-    problems.append(f"I4: second recovery was not a no-op ({n1} -> {n2})")
-print(json.dumps({"problems": problems, "states": states, "recovery": first}))
-"""
+# The checker (power-up / after a crash): appliance.migration.invariants, I1-I5 + idempotence.
+CHECK = "from appliance.migration.invariants import main; raise SystemExit(main())"
 
 
 class LabError(DeviceError):

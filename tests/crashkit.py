@@ -53,68 +53,8 @@ app.close()
 print(json.dumps(points))
 """
 
-# The checker: recover, then check I1-I6 and idempotence; print a JSON verdict.
-CHECK = r"""
-import json, sys
-from pathlib import Path
-import pkcs11
-from pkcs11 import Attribute, ObjectClass
-from appliance.config import load_config
-from appliance.keys import KeyKind, KeyState as S
-from appliance.secret import SecretBytes
-from appliance.service import Appliance
-from appliance.wal import verify_chain
-home, secrets = Path(sys.argv[1]), Path(sys.argv[2])
-could_sign = json.loads(sys.argv[3])
-read = lambda n: SecretBytes((secrets / n).read_bytes().strip())
-cfg = load_config(home)
-problems = []
-app = Appliance.open(cfg, pin=read("token-pin"), passphrase=read("passphrase"))
-first = app.last_recovery.to_json()
-n1 = len(app.wal)
-states = {}
-for k in app.keys():
-    states[k.label] = k.state.value
-    # I1: PQC_ONLY => no private key with that CKA_ID in the token
-    if k.state is S.PQC_ONLY and k.cka_id is not None and app.token.has_private_key(k.cka_id):
-        problems.append(f"I1: {k.label} is PQC_ONLY but its classical key exists")
-    # I3: HYBRID.. PQC_ONLY => the blob opens and matches the WAL
-    if k.state in (S.HYBRID, S.PQC_PREFERRED, S.FINALIZING, S.PQC_ONLY):
-        try:
-            signer = app.keystore.open_mldsa(k.key_id, expect_public=k.pqc_public, expect_digest=k.blob_sha3)
-        except Exception as exc:
-            problems.append(f"I3: {k.label}: {exc}")
-# I5: every key that could sign before can sign now
-labels = {k.label: k for k in app.keys()}
-for label in could_sign:
-    if label not in labels:
-        problems.append(f"I5: {label} vanished")
-        continue
-    try:
-        app.sign(labels[label], b"after the crash")
-    except Exception as exc:
-        problems.append(f"I5: {label} cannot sign: {exc}")
-if app.damaged:
-    problems.append(f"damaged: {app.damaged}")
-app.close()
-# I2: every private key object in the token is sensitive and never extractable
-lib = pkcs11.lib(cfg.module)
-tok = lib.get_token(token_label=cfg.token_label)
-with tok.open(user_pin=(secrets / "token-pin").read_text().strip()) as s:
-    for o in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
-        if not o[Attribute.SENSITIVE] or o[Attribute.EXTRACTABLE]:
-            problems.append("I2: an extractable private key exists")
-# I4: the WAL verifies and recovery is idempotent
-verify_chain(home / "wal")
-app = Appliance.open(cfg, pin=read("token-pin"), passphrase=read("passphrase"))
-second = app.last_recovery
-n2 = len(app.wal)
-app.close()
-if n2 != n1 or not second.clean:
-    problems.append(f"I4: second recovery was not a no-op ({n1} -> {n2}, {second.to_json()})")
-# I6 holds by construction: replay (Appliance.open) refuses any transition off the edges.
-print(json.dumps({"problems": problems, "states": states, "recovery": first}))
-"""
+# The checker (power-up / after a crash): appliance.migration.invariants, I1-I5 + idempotence.
+CHECK = "from appliance.migration.invariants import main; raise SystemExit(main())"
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ class TokenBackend(Protocol):
         """``CKA_ID`` of every private key, from one search in a fresh session."""
         ...
 
+    def exposed_private_keys(self) -> list[str]:
+        """Labels of private keys that are not sensitive or are extractable (I2: none)."""
+        ...
+
     def destroy_private_keys(self, cka_ids: list[bytes]) -> dict[bytes, int]:
         """Destroy many keys, then confirm their absence with one fresh listing."""
         ...

@@ -368,6 +368,19 @@ class Pkcs11Token:
 
         return self._locked("list private keys", run)
 
+    def exposed_private_keys(self) -> list[str]:
+        """Labels of private keys that are not sensitive or are extractable (I2: none)."""
+
+        def run() -> list[str]:
+            with self._token.open(rw=False) as fresh:
+                return [
+                    _text(o[Attribute.LABEL])
+                    for o in fresh.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+                    if not o[Attribute.SENSITIVE] or o[Attribute.EXTRACTABLE]
+                ]
+
+        return self._locked("audit private keys", run)
+
     def destroy_private_keys(self, cka_ids: list[bytes]) -> dict[bytes, int]:
         """Destroy every private key with any of ``cka_ids``; confirm with one fresh listing.
 
