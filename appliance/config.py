@@ -3,6 +3,11 @@
 Only paths and names live here, never a secret.  The token is any PKCS#11 module named by
 path with a token label and/or serial; ``softhsm_conf`` is set only for the embedded
 SoftHSM2 default and becomes ``SOFTHSM2_CONF`` before the module is loaded.
+
+``[pqc] backend`` (environment ``PQHSM_PQC_BACKEND``) chooses the post-quantum backend:
+``cryptography`` (the default), ``liboqs`` (an installed liboqs; refuse to start without
+it) or ``auto`` (liboqs when installed and usable, else cryptography).  See
+docs/signatures.md, "Post-quantum backends".
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Final
 
 from appliance.errors import ConfigError
 from appliance.fsio import atomic_write
+from appliance.pqc import PQC_BACKEND_CHOICES, select_backend
 from appliance.token import TokenConfig
 
 __all__ = ["CONFIG_FILE", "DEFAULT_HOME", "Config", "load_config", "resolve_home", "write_config"]
@@ -22,6 +28,7 @@ __all__ = ["CONFIG_FILE", "DEFAULT_HOME", "Config", "load_config", "resolve_home
 CONFIG_FILE: Final = "config.toml"
 DEFAULT_HOME: Final = Path("var/pqhsm")
 DEFAULT_SOFTHSM_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULT_PQC_BACKEND: Final = "cryptography"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,15 +41,21 @@ class Config:
     pin_file: Path | None = None
     passphrase_file: Path | None = None
     kdf: str = "pbkdf2-hmac-sha3-256"
+    pqc_backend: str = DEFAULT_PQC_BACKEND  # cryptography | liboqs | auto
 
     @property
     def token(self) -> TokenConfig:
         return TokenConfig(module=self.module, label=self.token_label, serial=self.token_serial)
 
     def apply_environment(self) -> None:
-        """Point SoftHSM2 at the embedded token directory before the module loads."""
+        """Point SoftHSM2 at the embedded token directory before the module loads, and
+        select the post-quantum backend.
+
+        :raises ConfigError: ``pqc_backend`` is ``liboqs`` and liboqs is not usable here.
+        """
         if self.softhsm_conf is not None:
             os.environ["SOFTHSM2_CONF"] = str(self.softhsm_conf)
+        select_backend(self.pqc_backend)
 
 
 def resolve_home(arg: str | None) -> Path:
@@ -77,8 +90,9 @@ def load_config(home: Path) -> Config:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     token = data.get("token", {})
     keystore = data.get("keystore", {})
-    if not isinstance(token, dict) or not isinstance(keystore, dict):
-        raise ConfigError(f"{path}: [token] and [keystore] must be tables")
+    pqc = data.get("pqc", {})
+    if not isinstance(token, dict) or not isinstance(keystore, dict) or not isinstance(pqc, dict):
+        raise ConfigError(f"{path}: [token], [keystore] and [pqc] must be tables")
     cfg = Config(
         home=home,
         module=_str(token.get("module"), "token.module") or DEFAULT_SOFTHSM_MODULE,
@@ -88,6 +102,7 @@ def load_config(home: Path) -> Config:
         pin_file=_path(home, token.get("pin_file"), "token.pin_file"),
         passphrase_file=_path(home, keystore.get("passphrase_file"), "keystore.passphrase_file"),
         kdf=_str(keystore.get("kdf"), "keystore.kdf") or "pbkdf2-hmac-sha3-256",
+        pqc_backend=_str(pqc.get("backend"), "pqc.backend") or DEFAULT_PQC_BACKEND,
     )
     env = os.environ
     if env.get("PQHSM_PKCS11_MODULE"):
@@ -96,8 +111,15 @@ def load_config(home: Path) -> Config:
         cfg = replace(cfg, token_label=env["PQHSM_TOKEN_LABEL"])
     if env.get("PQHSM_TOKEN_SERIAL"):
         cfg = replace(cfg, token_serial=env["PQHSM_TOKEN_SERIAL"])
+    if env.get("PQHSM_PQC_BACKEND"):
+        cfg = replace(cfg, pqc_backend=env["PQHSM_PQC_BACKEND"])
     if not cfg.token_label and not cfg.token_serial:
         cfg = replace(cfg, token_label="pqhsm")  # noqa: S106 - a label
+    if cfg.pqc_backend not in PQC_BACKEND_CHOICES:
+        raise ConfigError(
+            f"{CONFIG_FILE}: pqc.backend is {cfg.pqc_backend!r}; "
+            f"choose {', '.join(PQC_BACKEND_CHOICES)}"
+        )
     return cfg
 
 
@@ -131,4 +153,5 @@ def write_config(cfg: Config) -> None:
     lines += ["", "[keystore]", f"kdf = {_q(cfg.kdf)}"]
     if cfg.passphrase_file:
         lines.append(f"passphrase_file = {_q(_rel(cfg.home, cfg.passphrase_file))}")
+    lines += ["", "[pqc]", f"backend = {_q(cfg.pqc_backend)}  # cryptography | liboqs | auto"]
     atomic_write(cfg.home / CONFIG_FILE, ("\n".join(lines) + "\n").encode(), point="config")

@@ -2,10 +2,15 @@
 
 hazardous: use the service API.  This module does no policy; it turns seeds into keys.
 
-The default backend is ``cryptography`` (FIPS 203/204 through its bundled OpenSSL).  An
-optional liboqs backend may register itself later; it is only ever *detected* by looking
-for the installed shared library, never by importing ``oqs`` (liboqs-python downloads and
-compiles liboqs at import time when the library is missing).
+The default backend is ``cryptography`` (FIPS 203/204 through its bundled OpenSSL).  The
+optional ``liboqs`` backend (:mod:`appliance.pqc_liboqs`, ctypes over liboqs' C API) is
+used only where liboqs is already installed: it is *detected* by looking for the shared
+library (``$OQS_INSTALL_PATH/lib``, then the system library path), never by importing
+``oqs`` (liboqs-python downloads and compiles liboqs at import time when the library is
+missing).  :func:`select_backend` makes one of ``cryptography``, ``liboqs`` or ``auto``
+the process's active backend; the service calls it from the configuration (``[pqc]
+backend``) when it opens the appliance.  Both backends give byte-identical keys from the
+same seed and interoperate byte for byte.
 
 Keys are always handled as seeds: the 32-byte ML-DSA seed xi and the 64-byte ML-KEM seed
 d||z.  Blobs store seeds, so every blob opens under every backend.
@@ -14,31 +19,43 @@ d||z.  Blobs store seeds, so every blob opens under every backend.
 from __future__ import annotations
 
 import ctypes.util
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 
-from appliance.errors import CallerError, SignatureInvalid
+from appliance.errors import CallerError, ConfigError, SignatureInvalid
 from appliance.secret import BytesLike, SecretBytes
 
+if TYPE_CHECKING:
+    from appliance.pqc_liboqs import LiboqsBackend
+
 __all__ = [
+    "LIBOQS_NOT_INSTALLED",
     "MLDSA87_PUBLIC_LEN",
     "MLDSA87_SEED_LEN",
     "MLDSA87_SIG_LEN",
     "MLKEM1024_CT_LEN",
     "MLKEM1024_EK_LEN",
     "MLKEM1024_SEED_LEN",
+    "PQC_BACKEND_CHOICES",
     "BackendInfo",
     "MlDsaSigner",
     "MlKemDecapsulator",
     "PqcBackend",
     "active_backend",
     "backend_info",
+    "find_liboqs",
+    "liboqs_backend",
+    "select_backend",
 ]
+
+log = logging.getLogger(__name__)
 
 MLDSA87_SEED_LEN: Final = 32
 MLDSA87_PUBLIC_LEN: Final = 2592
@@ -193,20 +210,43 @@ class CryptographyBackend:
         return SecretBytes(ss), ct
 
 
+PQC_BACKEND_CHOICES: Final = ("cryptography", "liboqs", "auto")
+LIBOQS_NOT_INSTALLED: Final = (
+    "liboqs shared library not installed on this machine (set OQS_INSTALL_PATH)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
-    """What ``pqhsm status`` reports about post-quantum backends."""
+    """What ``pqhsm status`` reports about post-quantum backends.
+
+    ``liboqs_library`` is where a liboqs shared library was found (``liboqs_available``).
+    Once :func:`select_backend` has tried it in this process, ``liboqs_version`` is its
+    version (it loaded and passed its self-test) or ``liboqs_problem`` says why it cannot
+    serve; both stay ``None`` while it has not been tried.
+    """
 
     active: str
     liboqs_library: str | None
+    liboqs_version: str | None = None
+    liboqs_problem: str | None = None
 
     @property
     def liboqs_available(self) -> bool:
         return self.liboqs_library is not None
 
+    @property
+    def liboqs_usable(self) -> bool:
+        """liboqs was loaded in this process and passed its self-test."""
+        return self.liboqs_version is not None and self.liboqs_problem is None
+
 
 def find_liboqs() -> str | None:
-    """Locate an installed liboqs shared library without importing liboqs-python."""
+    """Locate an installed liboqs shared library without importing liboqs-python.
+
+    ``$OQS_INSTALL_PATH/lib`` (or ``lib64``) first, then the system library search
+    (:func:`ctypes.util.find_library`).  Nothing is loaded here.
+    """
     root = os.environ.get("OQS_INSTALL_PATH")
     if root:
         for sub in ("lib", "lib64"):
@@ -217,13 +257,72 @@ def find_liboqs() -> str | None:
     return ctypes.util.find_library("oqs")
 
 
+def liboqs_backend() -> LiboqsBackend:
+    """The liboqs backend over the library :func:`find_liboqs` finds, loaded and self-tested.
+
+    Loading runs liboqs' known-answer self-test once per library path and process.
+
+    :raises ConfigError: one line saying what is missing (no library, a library too old
+        or built without ML-DSA-87 / ML-KEM-1024, or a failed self-test).
+    """
+    path = find_liboqs()
+    if path is None:
+        raise ConfigError(LIBOQS_NOT_INSTALLED)
+    from appliance.pqc_liboqs import load_liboqs  # lazy: only when liboqs is wanted
+
+    return load_liboqs(path)  # LiboqsUnusable is a ConfigError
+
+
 _DEFAULT: Final = CryptographyBackend()
+_active: PqcBackend = _DEFAULT
+
+
+def select_backend(choice: str) -> PqcBackend:
+    """Make ``choice`` (``cryptography``, ``liboqs`` or ``auto``) the active backend.
+
+    ``cryptography`` never loads liboqs.  ``auto`` takes liboqs when it is installed and
+    passes its self-test, and otherwise ``cryptography`` (logging why at INFO).  Blobs hold
+    seeds, so keys made under one backend open under the other.
+
+    :raises ConfigError: an unknown choice, or ``liboqs`` chosen but not usable here.
+    """
+    global _active
+    if choice not in PQC_BACKEND_CHOICES:
+        raise ConfigError(
+            f"unknown pqc backend {choice!r} (choose {', '.join(PQC_BACKEND_CHOICES)})"
+        )
+    backend: PqcBackend = _DEFAULT
+    if choice != "cryptography":
+        try:
+            backend = liboqs_backend()
+        except ConfigError as exc:
+            if choice == "liboqs":
+                raise ConfigError(
+                    f"pqc backend liboqs is configured but not usable: {exc}"
+                ) from None
+            log.info("pqc backend auto: using cryptography (%s)", exc)
+    _active = backend
+    return backend
 
 
 def active_backend() -> PqcBackend:
-    """The backend in use.  Only ``cryptography`` ships as the default."""
-    return _DEFAULT
+    """The backend in use: ``cryptography`` unless :func:`select_backend` chose liboqs."""
+    return _active
 
 
 def backend_info() -> BackendInfo:
-    return BackendInfo(active=active_backend().name, liboqs_library=find_liboqs())
+    """The active backend, where liboqs was found, and what loading it showed.
+
+    Nothing is loaded here: ``liboqs_version`` / ``liboqs_problem`` are known only once
+    :func:`select_backend` (``auto`` or ``liboqs``) has tried that library in this process.
+    """
+    active = active_backend().name
+    path = find_liboqs()
+    if path is None or "appliance.pqc_liboqs" not in sys.modules:
+        return BackendInfo(active=active, liboqs_library=path)
+    from appliance.pqc_liboqs import LiboqsBackend, tried
+
+    outcome = tried(path)
+    if isinstance(outcome, LiboqsBackend):
+        return BackendInfo(active, path, liboqs_version=outcome.version)
+    return BackendInfo(active, path, liboqs_problem=None if outcome is None else str(outcome))

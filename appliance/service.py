@@ -663,6 +663,8 @@ class Appliance:
                     "active": bi.active,
                     "liboqs_available": bi.liboqs_available,
                     "liboqs_library": bi.liboqs_library,
+                    "liboqs_version": bi.liboqs_version,
+                    "liboqs_problem": bi.liboqs_problem,
                 },
                 wal={"records": len(self.wal), "head_seq": seq, "head_hash": head.hex()},
                 keys_by_state=counts,
