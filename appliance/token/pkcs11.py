@@ -35,6 +35,7 @@ from appliance.algorithms import Algorithm, alg_from_ec_params, der_oid, ec_poin
 from appliance.fsio import fault_point
 from appliance.secret import BytesLike, SecretBytes
 from appliance.token import FoundKey, TokenConfig, TokenInfo
+from appliance.token.nativesign import NativeSigner
 
 __all__ = ["Pkcs11Token"]
 
@@ -125,6 +126,9 @@ class Pkcs11Token:
         self._session: pkcs11.Session | None = session
         self._lock = threading.RLock()
         self._keys: dict[bytes, SignMixin] = {}
+        # Signatures take two module calls through ctypes instead of python-pkcs11's three
+        # (nativesign.py); None: the module has no usable function list, python-pkcs11 signs.
+        self._native = NativeSigner.load(config.module)
 
     # -- opening ---------------------------------------------------------------------
 
@@ -321,10 +325,16 @@ class Pkcs11Token:
             data = h.finalize()
             mech = Mechanism.ECDSA
 
-        def run() -> bytes:
-            return bytes(self._private(cka_id).sign(data, mechanism=mech))
+        what = f"sign with key {cka_id.hex()}"
 
-        sig = self._locked(f"sign with key {cka_id.hex()}", run)
+        def run() -> bytes:
+            key = self._private(cka_id)
+            session: int | None = getattr(self._s, "handle", None)  # python-pkcs11's Cython
+            if self._native is not None and session is not None and key.handle is not None:
+                return self._native.sign(session, key.handle, int(mech), data, what)
+            return bytes(key.sign(data, mechanism=mech))
+
+        sig = self._locked(what, run)
         if alg.edwards:
             return sig
         n = alg.coord_len
