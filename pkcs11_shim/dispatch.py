@@ -18,7 +18,7 @@ from appliance.errors import CKR, ApplianceError, to_ckr
 from pkcs11_shim.model import CkrError, Client
 from pkcs11_shim.rpc import ProtocolError, Reader, Writer, error_body
 
-__all__ = ["CALLS", "Call", "dispatch"]
+__all__ = ["CALLS", "Call", "dispatch", "runs_long"]
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,24 @@ def _sign(c: Client, r: Reader, w: Writer) -> None:
     w.ay(c.sign(s, data))
 
 
+def _sign_update(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    data = r.ay()
+    r.done()
+    c.sign_update(s, data)
+
+
+def _sign_final(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    size = r.fy()
+    r.done()
+    need = c.sign_length(s)
+    if size is None or size < need:
+        w.ay(None, need)  # the operation stays active
+        return
+    w.ay(c.sign_final(s))
+
+
 def _digest_init(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     mech = r.m()
@@ -254,6 +272,20 @@ def _verify(c: Client, r: Reader, w: Writer) -> None:
     c.verify(s, data, signature)
 
 
+def _verify_update(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    data = r.ay()
+    r.done()
+    c.verify_update(s, data)
+
+
+def _verify_final(c: Client, r: Reader, w: Writer) -> None:
+    s = r.u()
+    signature = r.ay()
+    r.done()
+    c.verify_final(s, signature)
+
+
 def _generate_key_pair(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     mech = r.m()
@@ -305,14 +337,61 @@ CALLS: Final[dict[int, Call]] = {
     41: Call("C_DigestFinal", "ufy", "ay", _digest_final),
     42: Call("C_SignInit", "uMu", "", _sign_init),
     43: Call("C_Sign", "uayfy", "ay", _sign),
+    44: Call("C_SignUpdate", "uay", "", _sign_update),
+    45: Call("C_SignFinal", "ufy", "ay", _sign_final),
     48: Call("C_VerifyInit", "uMu", "", _verify_init),
     49: Call("C_Verify", "uayay", "", _verify),
+    50: Call("C_VerifyUpdate", "uay", "", _verify_update),
+    51: Call("C_VerifyFinal", "uay", "", _verify_final),
     59: Call("C_GenerateKeyPair", "uMaAaA", "uu", _generate_key_pair),
     64: Call("C_GenerateRandom", "ufy", "ay", _generate_random),
 }
 
 #: Request signatures of the supported calls (for generic decoding).
 REQUEST_SIGNATURES: Final = {k: v.request for k, v in CALLS.items()}
+
+
+#: C_Login (Argon2id) and C_GenerateKeyPair (token key generation, a WAL fsync).
+_LONG_CALLS: Final = frozenset({18, 59})
+#: C_Sign and C_SignFinal: long unless one token call makes the signature (~0.15 ms).
+_SIGNING_CALLS: Final = frozenset({43, 45})
+#: C_Verify and C_VerifyFinal: long for ML-DSA, dual and composite (~0.5-1 ms).
+_VERIFY_CALLS: Final = frozenset({49, 51})
+#: CKM_ECDSA, CKM_ECDSA_SHA256/384/512, CKM_EDDSA: one token call (or one classical
+#: verification), well under 1 ms.
+_CLASSICAL_MECHANISMS: Final = frozenset({0x1041, 0x1044, 0x1045, 0x1046, 0x1057})
+#: A body this large is hashed or signed for long enough to leave the event loop.
+_LONG_BODY: Final = 64 * 1024
+
+
+def runs_long(client: Client, body: bytes) -> bool:
+    """Whether the server should run this request on a worker thread, off its event loop.
+
+    True for calls that take long: logins (Argon2id), key generation, messages over
+    64 KiB, and signatures or verifications that are not classical (ML-DSA, dual and
+    composite: ``cryptography`` does ML-DSA without the GIL, so two clients use two
+    cores).  A signing size query (output buffer size 0) signs nothing and stays on the
+    loop.  Never raises: a body it cannot read is left to :func:`dispatch` to refuse.
+    """
+    if len(body) > _LONG_BODY:
+        return True
+    call_id = int.from_bytes(body[:4], "big")
+    if call_id in _LONG_CALLS:
+        return True
+    signing = call_id in _SIGNING_CALLS
+    if not signing and call_id not in _VERIFY_CALLS:
+        return False
+    if signing and body[-4:] == b"\0\0\0\0":
+        return False
+    at = 8 + int.from_bytes(body[4:8], "big")  # call id, signature string, then the session
+    if len(body) < at + 12:
+        return False
+    session = client.sessions.get(int.from_bytes(body[at : at + 8], "big"))
+    if session is None:
+        return False
+    if signing:
+        return session.sign_key is not None and session.sign_mech not in _CLASSICAL_MECHANISMS
+    return session.verify_key is not None and session.verify_mech not in _CLASSICAL_MECHANISMS
 
 
 def dispatch(client: Client, body: bytes) -> bytes:

@@ -7,8 +7,10 @@ Which objects exist follows the key's state at every call: once a key leaves the
 classical states its handles are invalid.
 
 Connections that negotiated the pqhsm extension (:attr:`Client.extended`, README) also see
-EdDSA (``CKK_EC_EDWARDS``) and ML-DSA-87 (``CKK_ML_DSA``) objects and sign with
-``CKM_EDDSA``, ``CKM_ECDSA_SHA256/384/512`` and ``CKM_ML_DSA``.
+EdDSA (``CKK_EC_EDWARDS``), ML-DSA-87 (``CKK_ML_DSA``), dual (``CKK_PQHSM_DUAL``) and
+composite (``CKK_PQHSM_COMPOSITE``) objects and sign with ``CKM_EDDSA``,
+``CKM_ECDSA_SHA256/384/512``, ``CKM_ML_DSA``, ``CKM_PQHSM_DUAL`` and
+``CKM_PQHSM_COMPOSITE``, single-part or multi-part (``C_SignUpdate``/``C_SignFinal``).
 
 Each client connection (one PKCS#11 application) gets a :class:`Client`: its own
 sessions, login state, and object handles, stable for the life of the connection.
@@ -32,15 +34,19 @@ from typing import Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from appliance import clientpins
 from appliance.algorithms import der_oid, load_spki, parse_alg
-from appliance.errors import CKR
+from appliance.errors import CKR, SignatureInvalid
 from appliance.keys import KeyInfo, KeyKind, KeyState
 from appliance.secret import SecretBytes, ct_equal
-from appliance.service import Appliance
+from appliance.service import Appliance, composite_public_key
+from appliance.signing import composite
+from appliance.signing.dual import CLASSICAL_IDS, MAX_USER_CONTEXT
+from appliance.signing.policy import Policy, PublicKeys
+from appliance.signing.policy import verify as verify_policy
 from pkcs11_shim.rpc import HANDSHAKE, Attribute, AttrValue, Mechanism
 
 __all__ = ["SLOT_ID", "CkrError", "Client", "Pkcs11Model"]
@@ -89,6 +95,7 @@ CKA_DESTROYABLE: Final = 0x172
 CKA_EC_PARAMS: Final = 0x180
 CKA_EC_POINT: Final = 0x181
 CKA_ALWAYS_AUTHENTICATE: Final = 0x202
+CKA_PUBLIC_KEY_INFO: Final = 0x129
 CKA_ALLOWED_MECHANISMS: Final = 0x40000600
 # Attributes that would reveal private key material: always CKR_ATTRIBUTE_SENSITIVE.
 SENSITIVE_ATTRS: Final = frozenset({CKA_VALUE, 0x122, 0x123, 0x124, 0x125, 0x126, 0x127, 0x128})
@@ -105,6 +112,13 @@ CKM_EC_EDWARDS_KEY_PAIR_GEN: Final = 0x1055
 CKM_EDDSA: Final = 0x1057
 CKM_ML_DSA_KEY_PAIR_GEN: Final = 0x1C
 CKM_ML_DSA: Final = 0x1D
+# pqhsm vendor-defined values (README "The pqhsm extension"; c/pkcs11.h).
+CKK_PQHSM_DUAL: Final = 0x80000001
+CKK_PQHSM_COMPOSITE: Final = 0x80000002
+CKM_PQHSM_DUAL: Final = 0x80000001
+CKM_PQHSM_COMPOSITE: Final = 0x80000002
+CKP_PQHSM_MLDSA87_ECDSA_P384_SHA512: Final = 0x80000001
+CKP_PQHSM_MLDSA87_ED448_SHAKE256: Final = 0x80000002
 CKH_HEDGE_PREFERRED: Final = 0
 CKH_HEDGE_REQUIRED: Final = 1
 CKH_DETERMINISTIC_REQUIRED: Final = 2
@@ -155,6 +169,8 @@ _PREHASH_BY_COORD: Final[dict[int, type[hashes.HashAlgorithm]]] = {
 }
 MAX_ECDSA_INPUT: Final = 64  # CKM_ECDSA data: the longest digest (SHA-512)
 MAX_DIGEST_INPUT: Final = 64 << 20  # bytes hashed by one multi-part digest
+#: Message bytes one connection may have collected for C_SignFinal, over all its sessions.
+MAX_CLIENT_PARTS: Final = 64 << 20
 
 #: Mechanisms advertised: only ones the p11-kit 0.24 client passes (DESIGN §8).
 _EC_FLAGS: Final = CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS
@@ -172,6 +188,14 @@ EXT_MECHANISMS: Final[dict[int, tuple[int, int, int]]] = {
     CKM_ECDSA_SHA512: (256, 384, CKF_HW | CKF_SIGN | _EC_FLAGS),
     CKM_EDDSA: (255, 448, CKF_HW | CKF_SIGN),
     CKM_ML_DSA: (CKP_ML_DSA_87, CKP_ML_DSA_87, CKF_HW | CKF_SIGN),
+    CKM_PQHSM_DUAL: (0, 0, CKF_HW | CKF_SIGN),
+    CKM_PQHSM_COMPOSITE: (0, 0, CKF_HW | CKF_SIGN),
+}
+#: CKM_ECDSA_SHA* -> the hash class for a prehashed verification.
+_HASH_CLASS: Final[dict[int, type[hashes.HashAlgorithm]]] = {
+    CKM_ECDSA_SHA256: hashes.SHA256,
+    CKM_ECDSA_SHA384: hashes.SHA384,
+    CKM_ECDSA_SHA512: hashes.SHA512,
 }
 #: CKM_ECDSA_SHA* -> the hash computed host-side before the token signs the digest.
 _ECDSA_HASH: Final[dict[int, str]] = {
@@ -179,11 +203,30 @@ _ECDSA_HASH: Final[dict[int, str]] = {
     CKM_ECDSA_SHA384: "sha384",
     CKM_ECDSA_SHA512: "sha512",
 }
-#: Object parts: the classical key ("classical") or the ML-DSA-87 part ("ml-dsa").
+#: Object parts: the classical key ("classical"), the ML-DSA-87 part ("ml-dsa"), the dual
+#: key (both halves, "dual") or a composite key ("composite").
 CLASSICAL: Final = "classical"
 ML_DSA: Final = "ml-dsa"
+DUAL: Final = "dual"
+COMPOSITE: Final = "composite"
 MAX_CONTEXT: Final = 255
 MLDSA87_SIG_LEN: Final = 4627
+#: Mechanisms that sign the whole message (multi-part: parts are collected, then signed).
+_WHOLE_MESSAGE: Final = frozenset({CKM_EDDSA, CKM_ML_DSA, CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE})
+#: Composite algorithm -> CKA_PARAMETER_SET value.
+_COMPOSITE_SETS: Final[dict[composite.CompositeAlg, int]] = {
+    composite.CompositeAlg.MLDSA87_ECDSA_P384_SHA512: CKP_PQHSM_MLDSA87_ECDSA_P384_SHA512,
+    composite.CompositeAlg.MLDSA87_ED448_SHAKE256: CKP_PQHSM_MLDSA87_ED448_SHAKE256,
+}
+#: Longest classical signature per algorithm (DER ECDSA at its longest; raw EdDSA).
+_MAX_CLASSICAL_SIG: Final[dict[str, int]] = {
+    "ed25519": 64,
+    "ed448": 114,
+    "ecdsa-p256": 72,
+    "ecdsa-secp256k1": 72,
+    "ecdsa-p384": 104,
+}
+_DUAL_OVERHEAD: Final = 4 + 1 + 1 + 1 + 2 + 2  # PQDS envelope: magic, ids, two lengths
 _LIVE_CLASSICAL: Final = (KeyState.CLASSICAL, KeyState.HYBRID, KeyState.PQC_PREFERRED)
 
 
@@ -219,6 +262,26 @@ def _mldsa_key(key: KeyInfo) -> bool:
     return key.kind in (KeyKind.CLASSICAL, KeyKind.MLDSA) and key.pqc_public is not None
 
 
+def _dual_key(key: KeyInfo) -> bool:
+    """Both halves live: a classical key in HYBRID or PQC_PREFERRED (dual signing)."""
+    return (
+        key.kind is KeyKind.CLASSICAL
+        and key.state in (KeyState.HYBRID, KeyState.PQC_PREFERRED)
+        and key.classical_alg in CLASSICAL_IDS
+        and key.classical_spki is not None
+        and key.pqc_public is not None
+    )
+
+
+def _composite_key(key: KeyInfo) -> bool:
+    return (
+        key.kind is KeyKind.COMPOSITE
+        and key.composite_alg is not None
+        and key.classical_spki is not None
+        and key.pqc_public is not None
+    )
+
+
 def cka_id_of(key: KeyInfo) -> bytes:
     """The key's CKA_ID (born ML-DSA-87 keys: the id their key_id was made from)."""
     if key.cka_id is not None:
@@ -234,6 +297,10 @@ def ext_parts(key: KeyInfo) -> list[str]:
     parts = [CLASSICAL] if _ecdsa_key(key) or _eddsa_key(key) else []
     if _mldsa_key(key):
         parts.append(ML_DSA)
+    if _dual_key(key):
+        parts.append(DUAL)
+    if _composite_key(key):
+        parts.append(COMPOSITE)
     return parts
 
 
@@ -270,6 +337,49 @@ def check_eddsa_param(param: bytes | tuple[int, ...] | None, alg: str) -> None:
     ph, n, ctx = param[0], int.from_bytes(param[1:5], "big"), param[5:]
     if alg != "ed448" or ph != 0 or n != len(ctx) or ctx:
         raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+
+
+def _ecdsa_verify(
+    key: KeyInfo, digest: bytes, algo: hashes.HashAlgorithm, signature: bytes
+) -> None:
+    """Check a raw r||s signature over ``digest`` (sized for ``algo``) with the key's SPKI."""
+    pub = load_spki(key.classical_spki or b"")
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise CkrError(CKR.DEVICE_ERROR)
+    half = len(signature) // 2
+    der = encode_dss_signature(
+        int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
+    )
+    try:
+        pub.verify(der, digest, ec.ECDSA(Prehashed(algo)))
+    except InvalidSignature:
+        raise CkrError(CKR.SIGNATURE_INVALID) from None
+
+
+def _mechanism_context(mech: Mechanism, key: KeyInfo, part: str) -> bytes:
+    """Check ``mech`` and its parameter against the object's key and part; the context.
+
+    :raises CkrError: ``CKR_MECHANISM_PARAM_INVALID`` (see the parsers) or
+        ``CKR_KEY_TYPE_INCONSISTENT`` (the mechanism does not fit the object).
+    """
+    context = b""
+    if mech.type in (CKM_ML_DSA, CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE):
+        context = parse_mldsa_param(mech.param)
+        wanted = {CKM_ML_DSA: ML_DSA, CKM_PQHSM_DUAL: DUAL, CKM_PQHSM_COMPOSITE: COMPOSITE}
+        ok = part == wanted[mech.type]
+        if mech.type == CKM_PQHSM_DUAL and len(context) > MAX_USER_CONTEXT:
+            raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+    elif mech.type == CKM_EDDSA:
+        ok = part == CLASSICAL and _eddsa_key(key)
+        if ok:
+            check_eddsa_param(mech.param, key.classical_alg or "")
+    else:
+        if mech.param:
+            raise CkrError(CKR.MECHANISM_PARAM_INVALID)
+        ok = part == CLASSICAL and _ecdsa_key(key)
+    if not ok:
+        raise CkrError(CKR.KEY_TYPE_INCONSISTENT)
+    return context
 
 
 def _der_octet_string(data: bytes) -> bytes:
@@ -319,7 +429,25 @@ def _common(key: KeyInfo, cls: int, key_type: int, gen: int) -> dict[int, AttrVa
 
 
 def ext_object_attributes(key: KeyInfo, cls: int, part: str) -> dict[int, AttrValue]:
-    """Attributes of an object an extended connection sees (EC, EdDSA or ML-DSA-87)."""
+    """Attributes of an object an extended connection sees (EC, EdDSA, ML-DSA-87, dual or
+    composite)."""
+    if part == DUAL:
+        attrs = _common(key, cls, CKK_PQHSM_DUAL, UNAVAILABLE)
+        attrs[CKA_ALLOWED_MECHANISMS] = (CKM_PQHSM_DUAL,)
+        if cls == CKO_PUBLIC_KEY:
+            attrs[CKA_VALUE] = key.pqc_public or b""
+            attrs[CKA_PUBLIC_KEY_INFO] = key.classical_spki or b""
+        return attrs
+    if part == COMPOSITE:
+        params = composite.parse_composite_alg(key.composite_alg or "")
+        attrs = _common(key, cls, CKK_PQHSM_COMPOSITE, UNAVAILABLE)
+        attrs[CKA_PARAMETER_SET] = _COMPOSITE_SETS[params.alg].to_bytes(8, "little")
+        attrs[CKA_ALLOWED_MECHANISMS] = (CKM_PQHSM_COMPOSITE,)
+        if cls == CKO_PUBLIC_KEY:
+            public = composite_public_key(key)
+            attrs[CKA_VALUE] = public
+            attrs[CKA_PUBLIC_KEY_INFO] = composite.public_key_spki(params, public)
+        return attrs
     if part == ML_DSA:
         attrs = _common(key, cls, CKK_ML_DSA, CKM_ML_DSA_KEY_PAIR_GEN)
         attrs[CKA_PARAMETER_SET] = CKP_ML_DSA_87.to_bytes(8, "little")
@@ -477,8 +605,18 @@ class Session:
     found: list[int] | None = None
     sign_key: str | None = None  # key_id while C_Sign is active
     sign_mech: int = CKM_ECDSA  # the active sign mechanism (extension: others too)
-    sign_context: bytes = b""  # CKM_ML_DSA context of the active operation
+    sign_context: bytes = b""  # CKM_ML_DSA / dual / composite context of the operation
+    sign_multi: bool = False  # C_SignUpdate was called: only C_SignFinal may end it
+    sign_fed: int = 0  # message bytes fed by C_SignUpdate (bounded by MAX_DIGEST_INPUT)
+    sign_hash: hashlib._Hash | None = None  # CKM_ECDSA_SHA*: the incremental hash
+    sign_parts: bytearray | None = None  # whole-message mechanisms: the collected parts
     verify_key: str | None = None  # key_id while C_Verify is active
+    verify_mech: int = CKM_ECDSA  # the active verify mechanism (extension: others too)
+    verify_context: bytes = b""  # ML-DSA / dual / composite context of the operation
+    verify_multi: bool = False  # C_VerifyUpdate was called: only C_VerifyFinal may end it
+    verify_fed: int = 0  # message bytes fed by C_VerifyUpdate
+    verify_hash: hashlib._Hash | None = None  # CKM_ECDSA_SHA*: the incremental hash
+    verify_parts: bytearray | None = None  # whole-message mechanisms: the collected parts
     digest: hashlib._Hash | None = None  # while C_Digest* is active
     digest_fed: int = 0  # bytes hashed so far (bounded by MAX_DIGEST_INPUT)
 
@@ -605,8 +743,8 @@ class Client:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
         self.logged_in = False
         for s in self.sessions.values():
-            s.sign_key = None
-            s.verify_key = None
+            self._end_sign(s)
+            self._end_verify(s)
 
     # -- objects -------------------------------------------------------------------------
 
@@ -718,26 +856,21 @@ class Client:
         key, cls, part = self._object_part(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
         if cls != CKO_PRIVATE_KEY:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
-        context = b""
-        if mech.type == CKM_ML_DSA:
-            context = parse_mldsa_param(mech.param)
-            ok = part == ML_DSA
-        elif mech.type == CKM_EDDSA:
-            ok = part == CLASSICAL and _eddsa_key(key)
-            if ok:
-                check_eddsa_param(mech.param, key.classical_alg or "")
-        else:
-            if mech.param:
-                raise CkrError(CKR.MECHANISM_PARAM_INVALID)
-            ok = part == CLASSICAL and _ecdsa_key(key)
-        if not ok:
-            raise CkrError(CKR.KEY_TYPE_INCONSISTENT)
+        context = _mechanism_context(mech, key, part)
         s.sign_key = key.key_id
         s.sign_mech = mech.type
         s.sign_context = context
+        s.sign_multi = False
+        s.sign_fed = 0
+        s.sign_hash = None
+        s.sign_parts = None
 
     def sign_length(self, handle: int) -> int:
-        """The signature length of the active operation (for size queries)."""
+        """The signature length of the active operation (for size queries).
+
+        Dual and composite signatures with an ECDSA part vary in length (DER): this is
+        their longest, which PKCS#11 allows a size query to answer.
+        """
         s = self._session(handle)
         if s.sign_key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
@@ -746,21 +879,46 @@ class Client:
             return MLDSA87_SIG_LEN
         if s.sign_mech == CKM_EDDSA:
             return 64 if key.classical_alg == "ed25519" else 114
+        if s.sign_mech in (CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE):
+            classical = _MAX_CLASSICAL_SIG.get(key.classical_alg or "", 0)
+            if s.sign_mech == CKM_PQHSM_DUAL:
+                return _DUAL_OVERHEAD + classical + MLDSA87_SIG_LEN
+            return MLDSA87_SIG_LEN + classical
         return 2 * parse_alg(key.classical_alg or "").coord_len
 
-    def sign(self, handle: int, data: bytes | None) -> bytes:
-        """Sign a client-computed digest (``CKM_ECDSA``); ends the operation."""
-        s = self._session(handle)
+    def _end_sign(self, s: Session) -> str | None:
+        """End the active sign operation; its key id (None: there was none)."""
         key_id, s.sign_key = s.sign_key, None
+        s.sign_hash, s.sign_parts = None, None
+        return key_id
+
+    def sign(self, handle: int, data: bytes | None) -> bytes:
+        """Single-part ``C_Sign``; ends the operation.
+
+        ``CKM_ECDSA`` signs a client-computed digest; the extension mechanisms sign the
+        whole message.  After ``C_SignUpdate`` only ``C_SignFinal`` may end the operation:
+        ``C_Sign`` then fails with ``CKR_OPERATION_ACTIVE`` (and ends it, as every error).
+        """
+        s = self._session(handle)
+        multi = s.sign_multi
+        key_id = self._end_sign(s)
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        if multi:
+            raise CkrError(CKR.OPERATION_ACTIVE)
         if data is None or (not data and s.sign_mech == CKM_ECDSA):
             raise CkrError(CKR.ARGUMENTS_BAD)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
         key = self.model.app.key(key_id)
         if s.sign_mech != CKM_ECDSA:
-            return self._sign_ext(s, key, data)
+            if len(data) > MAX_DIGEST_INPUT:
+                raise CkrError(CKR.DATA_LEN_RANGE)
+            if s.sign_mech in _ECDSA_HASH:
+                return self._sign_ext(
+                    s, key, hashlib.new(_ECDSA_HASH[s.sign_mech], data), len(data)
+                )
+            return self._sign_ext(s, key, data, len(data))
         if not _ecdsa_key(key):
             raise CkrError(CKR.KEY_HANDLE_INVALID)
         if len(data) > MAX_ECDSA_INPUT:
@@ -769,28 +927,96 @@ class Client:
         log.info("signed %d-byte digest with key %s", len(data), key.label)
         return sig
 
-    def _sign_ext(self, s: Session, key: KeyInfo, data: bytes) -> bytes:
-        """Sign a whole message with an extension mechanism (key state checked again)."""
+    def sign_update(self, handle: int, data: bytes | None) -> None:
+        """``C_SignUpdate``: feed one part.  Any error ends the operation.
+
+        ``CKM_ECDSA_SHA*`` hash incrementally; the whole-message mechanisms collect the
+        parts (at most 64 MiB in all, then ``CKR_DATA_LEN_RANGE``; and at most 64 MiB held
+        for one connection over all its sessions, then ``CKR_DEVICE_MEMORY``).
+        ``CKM_ECDSA`` is single-part only (PKCS#11 mechanism table):
+        ``CKR_FUNCTION_NOT_SUPPORTED``.
+        """
+        s = self._session(handle)
+        if s.sign_key is None:
+            raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        try:
+            if data is None:
+                raise CkrError(CKR.ARGUMENTS_BAD)
+            if not self.logged_in:
+                raise CkrError(CKR.USER_NOT_LOGGED_IN)
+            if s.sign_mech == CKM_ECDSA:
+                raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
+            if s.sign_fed + len(data) > MAX_DIGEST_INPUT:
+                raise CkrError(CKR.DATA_LEN_RANGE)
+            if s.sign_mech in _WHOLE_MESSAGE and self._held() + len(data) > MAX_CLIENT_PARTS:
+                raise CkrError(CKR.DEVICE_MEMORY)
+        except CkrError:
+            self._end_sign(s)
+            raise
+        s.sign_multi = True
+        s.sign_fed += len(data)
+        if s.sign_mech in _ECDSA_HASH:
+            if s.sign_hash is None:
+                s.sign_hash = hashlib.new(_ECDSA_HASH[s.sign_mech])
+            s.sign_hash.update(data)
+        else:
+            if s.sign_parts is None:
+                s.sign_parts = bytearray()
+            s.sign_parts += data
+
+    def _held(self) -> int:
+        """Message bytes this connection's sessions hold for C_SignFinal/C_VerifyFinal."""
+        held = 0
+        for x in self.sessions.values():
+            held += len(x.sign_parts or b"") + len(x.verify_parts or b"")
+        return held
+
+    def sign_final(self, handle: int) -> bytes:
+        """``C_SignFinal``: sign what ``C_SignUpdate`` fed (possibly nothing); ends it."""
+        s = self._session(handle)
+        parts, digest, fed = s.sign_parts, s.sign_hash, s.sign_fed
+        key_id = self._end_sign(s)
+        if key_id is None:
+            raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        if s.sign_mech == CKM_ECDSA:
+            raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
+        if not self.logged_in:
+            raise CkrError(CKR.USER_NOT_LOGGED_IN)
+        key = self.model.app.key(key_id)
+        if s.sign_mech in _ECDSA_HASH:
+            h = digest if digest is not None else hashlib.new(_ECDSA_HASH[s.sign_mech])
+            return self._sign_ext(s, key, h, fed)
+        return self._sign_ext(s, key, bytes(parts) if parts is not None else b"", fed)
+
+    def _sign_ext(self, s: Session, key: KeyInfo, data: bytes | hashlib._Hash, size: int) -> bytes:
+        """Sign with an extension mechanism (the key's state is checked again here).
+
+        ``data`` is the whole message, or for ``CKM_ECDSA_SHA*`` the hash over it.
+        """
         mech = s.sign_mech
         app = self.model.app
-        if len(data) > MAX_DIGEST_INPUT:
-            raise CkrError(CKR.DATA_LEN_RANGE)
-        if mech == CKM_ML_DSA:
-            if not _mldsa_key(key):
-                raise CkrError(CKR.KEY_HANDLE_INVALID)
-            sig = app.sign(key, data, kind="ml-dsa", context=s.sign_context)
-        elif mech == CKM_EDDSA:
-            if not _eddsa_key(key):
-                raise CkrError(CKR.KEY_HANDLE_INVALID)
-            sig = app.sign(key, data, kind="classical")
+        if isinstance(data, bytes):
+            if mech == CKM_ML_DSA:
+                if not _mldsa_key(key):
+                    raise CkrError(CKR.KEY_HANDLE_INVALID)
+                sig = app.sign(key, data, kind="ml-dsa", context=s.sign_context)
+            elif mech == CKM_PQHSM_DUAL:
+                if not _dual_key(key):
+                    raise CkrError(CKR.KEY_HANDLE_INVALID)
+                sig = app.sign(key, data, kind="dual", context=s.sign_context)
+            elif mech == CKM_PQHSM_COMPOSITE:
+                if not _composite_key(key):
+                    raise CkrError(CKR.KEY_HANDLE_INVALID)
+                sig = app.sign(key, data, kind="composite", context=s.sign_context)
+            else:
+                if not _eddsa_key(key):
+                    raise CkrError(CKR.KEY_HANDLE_INVALID)
+                sig = app.sign(key, data, kind="classical")
         else:
             if not _ecdsa_key(key):
                 raise CkrError(CKR.KEY_HANDLE_INVALID)
-            digest = hashlib.new(_ECDSA_HASH[mech], data).digest()
-            sig = app.sign(key, digest, kind="classical", raw=True, prehashed=True)
-        log.info(
-            "signed a %d-byte message with key %s (mechanism 0x%x)", len(data), key.label, mech
-        )
+            sig = app.sign(key, data.digest(), kind="classical", raw=True, prehashed=True)
+        log.info("signed a %d-byte message with key %s (mechanism 0x%x)", size, key.label, mech)
         return sig
 
     # -- digests ---------------------------------------------------------------------------
@@ -846,36 +1072,64 @@ class Client:
     # -- verification --------------------------------------------------------------------
 
     def verify_init(self, handle: int, mech: Mechanism, key_handle: int) -> None:
-        """Start ``CKM_ECDSA`` verification with a public key object."""
+        """Start verification with a public key object: ``CKM_ECDSA``, and on extended
+        connections every extension mechanism (same parameters as for signing)."""
         s = self._session(handle)
         if s.verify_key is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
-        if mech.type != CKM_ECDSA:
+        allowed = (CKM_ECDSA, *EXT_MECHANISMS) if self.extended else (CKM_ECDSA,)
+        if mech.type not in allowed:
             raise CkrError(CKR.MECHANISM_INVALID)
-        if mech.param:
+        if not self.extended and mech.param:
             raise CkrError(CKR.MECHANISM_PARAM_INVALID)
-        key, cls = self._object(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
+        key, cls, part = self._object_part(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
         if cls != CKO_PUBLIC_KEY:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
+        context = _mechanism_context(mech, key, part) if self.extended else b""
         s.verify_key = key.key_id
+        s.verify_mech = mech.type
+        s.verify_context = context
+        s.verify_multi = False
+        s.verify_fed = 0
+        s.verify_hash = None
+        s.verify_parts = None
+
+    def _end_verify(self, s: Session) -> str | None:
+        key_id, s.verify_key = s.verify_key, None
+        s.verify_hash, s.verify_parts = None, None
+        return key_id
 
     def verify(self, handle: int, data: bytes | None, signature: bytes | None) -> None:
-        """Verify a raw r||s signature over a client-computed digest; ends the operation.
+        """Single-part ``C_Verify``; ends the operation.
 
-        ``CKM_ECDSA`` is single-part only (no VerifyUpdate/VerifyFinal).  The data is
-        used as ECDSA does (ANSI X9.62): its leftmost bits up to the order's length, so a
-        digest of any length up to 64 bytes verifies exactly as it was signed.
+        ``CKM_ECDSA`` verifies a raw r||s signature over a client-computed digest, used as
+        ECDSA does (ANSI X9.62): its leftmost bits up to the order's length, so a digest of
+        any length up to 64 bytes verifies exactly as it was signed.  The extension
+        mechanisms verify the whole message (see :meth:`_verify_ext`).  After
+        ``C_VerifyUpdate`` only ``C_VerifyFinal`` may end the operation.
 
         :raises CkrError: ``CKR_SIGNATURE_INVALID``, ``CKR_SIGNATURE_LEN_RANGE`` (not
             twice the coordinate length) or ``CKR_DATA_LEN_RANGE`` (empty or over 64).
         """
         s = self._session(handle)
-        key_id, s.verify_key = s.verify_key, None
+        multi = s.verify_multi
+        key_id = self._end_verify(s)
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        if multi:
+            raise CkrError(CKR.OPERATION_ACTIVE)
         if data is None or signature is None:
             raise CkrError(CKR.ARGUMENTS_BAD)
         key = self.model.app.key(key_id)
+        if s.verify_mech != CKM_ECDSA:
+            if len(data) > MAX_DIGEST_INPUT:
+                raise CkrError(CKR.DATA_LEN_RANGE)
+            if s.verify_mech in _ECDSA_HASH:
+                h = hashlib.new(_ECDSA_HASH[s.verify_mech], data)
+                self._verify_ext(s, key, h, signature)
+            else:
+                self._verify_ext(s, key, data, signature)
+            return
         if not _ecdsa_key(key):
             raise CkrError(CKR.KEY_HANDLE_INVALID)
         if not 0 < len(data) <= MAX_ECDSA_INPUT:
@@ -884,18 +1138,114 @@ class Client:
         if len(signature) != 2 * half:
             raise CkrError(CKR.SIGNATURE_LEN_RANGE)
         algo = _PREHASH_BY_COORD.get(half)
-        pub = load_spki(key.classical_spki or b"")
-        if algo is None or not isinstance(pub, ec.EllipticCurvePublicKey):
+        if algo is None:
             raise CkrError(CKR.DEVICE_ERROR)
         # Same integer e as X9.62: truncate to the order's bytes (the supported orders are
         # whole bytes), or left-pad with zeros, which does not change the value.
         digest = data[:half] if len(data) >= half else bytes(half - len(data)) + data
-        der = encode_dss_signature(
-            int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
-        )
+        _ecdsa_verify(key, digest, algo(), signature)
+
+    def verify_update(self, handle: int, data: bytes | None) -> None:
+        """``C_VerifyUpdate``: feed one part; the rules and limits of :meth:`sign_update`."""
+        s = self._session(handle)
+        if s.verify_key is None:
+            raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
         try:
-            pub.verify(der, digest, ec.ECDSA(Prehashed(algo())))
-        except InvalidSignature:
+            if data is None:
+                raise CkrError(CKR.ARGUMENTS_BAD)
+            if s.verify_mech == CKM_ECDSA:
+                raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
+            if s.verify_fed + len(data) > MAX_DIGEST_INPUT:
+                raise CkrError(CKR.DATA_LEN_RANGE)
+            if s.verify_mech in _WHOLE_MESSAGE and self._held() + len(data) > MAX_CLIENT_PARTS:
+                raise CkrError(CKR.DEVICE_MEMORY)
+        except CkrError:
+            self._end_verify(s)
+            raise
+        s.verify_multi = True
+        s.verify_fed += len(data)
+        if s.verify_mech in _ECDSA_HASH:
+            if s.verify_hash is None:
+                s.verify_hash = hashlib.new(_ECDSA_HASH[s.verify_mech])
+            s.verify_hash.update(data)
+        else:
+            if s.verify_parts is None:
+                s.verify_parts = bytearray()
+            s.verify_parts += data
+
+    def verify_final(self, handle: int, signature: bytes | None) -> None:
+        """``C_VerifyFinal``: check ``signature`` over what was fed; ends the operation."""
+        s = self._session(handle)
+        parts, digest = s.verify_parts, s.verify_hash
+        key_id = self._end_verify(s)
+        if key_id is None:
+            raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
+        if s.verify_mech == CKM_ECDSA:
+            raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
+        if signature is None:
+            raise CkrError(CKR.ARGUMENTS_BAD)
+        key = self.model.app.key(key_id)
+        if s.verify_mech in _ECDSA_HASH:
+            h = digest if digest is not None else hashlib.new(_ECDSA_HASH[s.verify_mech])
+            self._verify_ext(s, key, h, signature)
+        else:
+            self._verify_ext(s, key, bytes(parts) if parts is not None else b"", signature)
+
+    def _verify_ext(
+        self, s: Session, key: KeyInfo, data: bytes | hashlib._Hash, signature: bytes
+    ) -> None:
+        """Verify with an extension mechanism from the key's recorded public parts.
+
+        ``CKM_ECDSA_SHA*``: raw r||s (``CKR_SIGNATURE_LEN_RANGE`` otherwise) over the hash;
+        ``CKM_EDDSA``: the raw signature; ``CKM_ML_DSA``: FIPS 204 with the context;
+        dual and composite: :func:`appliance.signing.policy.verify`, policy ``strict``.
+        The key's state is checked again (its objects may have gone).
+
+        :raises CkrError: ``CKR_SIGNATURE_INVALID``, ``CKR_SIGNATURE_LEN_RANGE`` or
+            ``CKR_KEY_HANDLE_INVALID``.
+        """
+        mech = s.verify_mech
+        if not isinstance(data, bytes):
+            if not _ecdsa_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            if len(signature) != 2 * parse_alg(key.classical_alg or "").coord_len:
+                raise CkrError(CKR.SIGNATURE_LEN_RANGE)
+            _ecdsa_verify(key, data.digest(), _HASH_CLASS[mech](), signature)
+            return
+        if mech == CKM_EDDSA:
+            if not _eddsa_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            if len(signature) != (64 if key.classical_alg == "ed25519" else 114):
+                raise CkrError(CKR.SIGNATURE_LEN_RANGE)
+            pub = load_spki(key.classical_spki or b"")
+            if not isinstance(pub, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+                raise CkrError(CKR.DEVICE_ERROR)
+            try:
+                pub.verify(signature, data)
+            except InvalidSignature:
+                raise CkrError(CKR.SIGNATURE_INVALID) from None
+            return
+        if mech == CKM_ML_DSA:
+            if not _mldsa_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            if len(signature) != MLDSA87_SIG_LEN:
+                raise CkrError(CKR.SIGNATURE_LEN_RANGE)
+            keys = PublicKeys(mldsa=mldsa.MLDSA87PublicKey.from_public_bytes(key.pqc_public or b""))
+        elif mech == CKM_PQHSM_DUAL:
+            if not _dual_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            keys = PublicKeys(
+                classical=load_spki(key.classical_spki or b""),
+                mldsa=mldsa.MLDSA87PublicKey.from_public_bytes(key.pqc_public or b""),
+            )
+        else:
+            if not _composite_key(key):
+                raise CkrError(CKR.KEY_HANDLE_INVALID)
+            params = composite.parse_composite_alg(key.composite_alg or "")
+            keys = PublicKeys(composite=(params, composite_public_key(key)))
+        try:
+            verify_policy(keys, data, signature, policy=Policy.STRICT, context=s.verify_context)
+        except SignatureInvalid:
             raise CkrError(CKR.SIGNATURE_INVALID) from None
 
     # -- objects: generation and destruction -----------------------------------------------

@@ -1,6 +1,8 @@
 /*
- * pkcs11.h - the PKCS#11 v2.40 interface (plus the PKCS#11 3.2 post-quantum constants
- * listed in DESIGN §8) as used by libpqhsm-pkcs11.so.  Written for this project from
+ * pkcs11.h - the PKCS#11 v2.40 interface, the PKCS#11 3.0 interface discovery
+ * (CK_INTERFACE, CK_FUNCTION_LIST_3_0, C_GetInterfaceList, C_GetInterface), the PKCS#11 3.2
+ * post-quantum constants listed in DESIGN §8 and pqhsm's vendor-defined values, as used
+ * by libpqhsm-pkcs11.so.  Written for this project from
  * the OASIS specification's constant tables; Linux layout: CK_ULONG is unsigned long,
  * structures use the platform's natural alignment (no packing pragma).
  */
@@ -164,6 +166,7 @@ typedef CK_ULONG CK_ATTRIBUTE_TYPE;
 #define CKA_WRAP_TEMPLATE (CKF_ARRAY_ATTRIBUTE | 0x211UL)
 #define CKA_UNWRAP_TEMPLATE (CKF_ARRAY_ATTRIBUTE | 0x212UL)
 #define CKA_DERIVE_TEMPLATE (CKF_ARRAY_ATTRIBUTE | 0x213UL)
+#define CKA_PUBLIC_KEY_INFO 0x129UL
 #define CKA_ALLOWED_MECHANISMS (CKF_ARRAY_ATTRIBUTE | 0x600UL)
 #define CKA_PARAMETER_SET 0x61dUL
 #define CKA_ENCAPSULATE 0x633UL
@@ -251,6 +254,31 @@ typedef struct CK_SIGN_ADDITIONAL_CONTEXT {
     CK_ULONG ulContextLen;
 } CK_SIGN_ADDITIONAL_CONTEXT;
 
+/*
+ * pqhsm vendor-defined values (pkcs11_shim/README.md, "The pqhsm extension").  They are
+ * meaningful only on connections that negotiated the extension (libpqhsm-pkcs11.so).
+ *
+ * CKM_PQHSM_DUAL       dual (OR-mode) signature: the PQDS envelope of docs/signatures.md
+ *                      (classical part over M, ML-DSA-87 part bound to the dual key).
+ * CKM_PQHSM_COMPOSITE  composite signature, draft-ietf-lamps-pq-composite-sigs-19
+ *                      (mldsaSig || tradSig); the algorithm is the key's parameter set.
+ * Both take an optional CK_SIGN_ADDITIONAL_CONTEXT (hedge preferred/required only;
+ * context at most 178 bytes for dual, 255 for composite) and sign the whole message,
+ * single-part or multi-part.
+ * CKK_PQHSM_DUAL / CKK_PQHSM_COMPOSITE: the key types of the objects these sign with;
+ * they share the key's CKA_ID.  Public objects: CKA_VALUE is the ML-DSA-87 public key
+ * (dual) or mldsaPK || tradPK (composite); CKA_PUBLIC_KEY_INFO is the classical SPKI
+ * (dual) or the composite SPKI (composite).  Composite objects carry CKA_PARAMETER_SET
+ * = CKP_PQHSM_MLDSA87_ECDSA_P384_SHA512 or CKP_PQHSM_MLDSA87_ED448_SHAKE256.
+ */
+#define CKK_PQHSM_DUAL (CKK_VENDOR_DEFINED | 0x1UL)
+#define CKK_PQHSM_COMPOSITE (CKK_VENDOR_DEFINED | 0x2UL)
+#define CKM_PQHSM_DUAL (CKM_VENDOR_DEFINED | 0x1UL)
+#define CKM_PQHSM_COMPOSITE (CKM_VENDOR_DEFINED | 0x2UL)
+#define CKP_VENDOR_DEFINED 0x80000000UL
+#define CKP_PQHSM_MLDSA87_ECDSA_P384_SHA512 (CKP_VENDOR_DEFINED | 0x1UL)
+#define CKP_PQHSM_MLDSA87_ED448_SHAKE256 (CKP_VENDOR_DEFINED | 0x2UL)
+
 typedef CK_ULONG CK_RV;
 #define CKR_OK 0x000UL
 #define CKR_CANCEL 0x001UL
@@ -269,10 +297,14 @@ typedef CK_ULONG CK_RV;
 #define CKR_FUNCTION_NOT_SUPPORTED 0x054UL
 #define CKR_MECHANISM_INVALID 0x070UL
 #define CKR_MECHANISM_PARAM_INVALID 0x071UL
+#define CKR_KEY_TYPE_INCONSISTENT 0x063UL
+#define CKR_OPERATION_ACTIVE 0x090UL
 #define CKR_OPERATION_NOT_INITIALIZED 0x091UL
 #define CKR_PIN_INCORRECT 0x0a0UL
 #define CKR_PIN_LOCKED 0x0a4UL
 #define CKR_SESSION_HANDLE_INVALID 0x0b3UL
+#define CKR_SIGNATURE_INVALID 0x0c0UL
+#define CKR_SIGNATURE_LEN_RANGE 0x0c1UL
 #define CKR_BUFFER_TOO_SMALL 0x150UL
 #define CKR_CRYPTOKI_NOT_INITIALIZED 0x190UL
 #define CKR_CRYPTOKI_ALREADY_INITIALIZED 0x191UL
@@ -300,6 +332,21 @@ typedef CK_C_INITIALIZE_ARGS CK_PTR CK_C_INITIALIZE_ARGS_PTR;
 
 struct CK_FUNCTION_LIST;
 typedef struct CK_FUNCTION_LIST CK_FUNCTION_LIST;
+struct CK_FUNCTION_LIST_3_0;
+typedef struct CK_FUNCTION_LIST_3_0 CK_FUNCTION_LIST_3_0;
+typedef CK_FUNCTION_LIST_3_0 CK_PTR CK_FUNCTION_LIST_3_0_PTR;
+typedef CK_FUNCTION_LIST_3_0_PTR CK_PTR CK_FUNCTION_LIST_3_0_PTR_PTR;
+
+/* PKCS#11 3.0 interface discovery. */
+typedef struct CK_INTERFACE {
+    CK_CHAR *pInterfaceName;
+    CK_VOID_PTR pFunctionList;
+    CK_FLAGS flags;
+} CK_INTERFACE;
+typedef CK_INTERFACE CK_PTR CK_INTERFACE_PTR;
+typedef CK_INTERFACE_PTR CK_PTR CK_INTERFACE_PTR_PTR;
+#define CKF_INTERFACE_FORK_SAFE 0x00000001UL
+#define CKF_END_OF_MESSAGE 0x00000001UL
 typedef CK_FUNCTION_LIST CK_PTR CK_FUNCTION_LIST_PTR;
 typedef CK_FUNCTION_LIST_PTR CK_PTR CK_FUNCTION_LIST_PTR_PTR;
 
@@ -438,6 +485,71 @@ typedef CK_FUNCTION_LIST_PTR CK_PTR CK_FUNCTION_LIST_PTR_PTR;
     X(C_CancelFunction, (CK_SESSION_HANDLE hSession)) \
     X(C_WaitForSlotEvent, (CK_FLAGS flags, CK_SLOT_ID_PTR pSlot, CK_VOID_PTR pReserved))
 
+/*
+ * The 24 functions PKCS#11 3.0 appends to the list (CK_FUNCTION_LIST_3_0 order).  Only
+ * C_GetInterfaceList and C_GetInterface are library entry points; the rest are reached
+ * through the 3.0 function list.
+ */
+#define CK_PKCS11_3_0_FUNCTIONS(X) \
+    X(C_GetInterfaceList, (CK_INTERFACE_PTR pInterfacesList, CK_ULONG_PTR pulCount)) \
+    X(C_GetInterface, (CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pVersion, \
+                       CK_INTERFACE_PTR_PTR ppInterface, CK_FLAGS flags)) \
+    X(C_LoginUser, (CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin, \
+                    CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pUsername, CK_ULONG ulUsernameLen)) \
+    X(C_SessionCancel, (CK_SESSION_HANDLE hSession, CK_FLAGS flags)) \
+    X(C_MessageEncryptInit, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, \
+                             CK_OBJECT_HANDLE hKey)) \
+    X(C_EncryptMessage, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                         CK_ULONG ulParameterLen, CK_BYTE_PTR pAssociatedData, \
+                         CK_ULONG ulAssociatedDataLen, CK_BYTE_PTR pPlaintext, \
+                         CK_ULONG ulPlaintextLen, CK_BYTE_PTR pCiphertext, \
+                         CK_ULONG_PTR pulCiphertextLen)) \
+    X(C_EncryptMessageBegin, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                              CK_ULONG ulParameterLen, CK_BYTE_PTR pAssociatedData, \
+                              CK_ULONG ulAssociatedDataLen)) \
+    X(C_EncryptMessageNext, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                             CK_ULONG ulParameterLen, CK_BYTE_PTR pPlaintextPart, \
+                             CK_ULONG ulPlaintextPartLen, CK_BYTE_PTR pCiphertextPart, \
+                             CK_ULONG_PTR pulCiphertextPartLen, CK_FLAGS flags)) \
+    X(C_MessageEncryptFinal, (CK_SESSION_HANDLE hSession)) \
+    X(C_MessageDecryptInit, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, \
+                             CK_OBJECT_HANDLE hKey)) \
+    X(C_DecryptMessage, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                         CK_ULONG ulParameterLen, CK_BYTE_PTR pAssociatedData, \
+                         CK_ULONG ulAssociatedDataLen, CK_BYTE_PTR pCiphertext, \
+                         CK_ULONG ulCiphertextLen, CK_BYTE_PTR pPlaintext, \
+                         CK_ULONG_PTR pulPlaintextLen)) \
+    X(C_DecryptMessageBegin, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                              CK_ULONG ulParameterLen, CK_BYTE_PTR pAssociatedData, \
+                              CK_ULONG ulAssociatedDataLen)) \
+    X(C_DecryptMessageNext, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                             CK_ULONG ulParameterLen, CK_BYTE_PTR pCiphertextPart, \
+                             CK_ULONG ulCiphertextPartLen, CK_BYTE_PTR pPlaintextPart, \
+                             CK_ULONG_PTR pulPlaintextPartLen, CK_FLAGS flags)) \
+    X(C_MessageDecryptFinal, (CK_SESSION_HANDLE hSession)) \
+    X(C_MessageSignInit, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, \
+                          CK_OBJECT_HANDLE hKey)) \
+    X(C_SignMessage, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                      CK_ULONG ulParameterLen, CK_BYTE_PTR pData, CK_ULONG ulDataLen, \
+                      CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)) \
+    X(C_SignMessageBegin, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                           CK_ULONG ulParameterLen)) \
+    X(C_SignMessageNext, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                          CK_ULONG ulParameterLen, CK_BYTE_PTR pData, CK_ULONG ulDataLen, \
+                          CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)) \
+    X(C_MessageSignFinal, (CK_SESSION_HANDLE hSession)) \
+    X(C_MessageVerifyInit, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, \
+                            CK_OBJECT_HANDLE hKey)) \
+    X(C_VerifyMessage, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                        CK_ULONG ulParameterLen, CK_BYTE_PTR pData, CK_ULONG ulDataLen, \
+                        CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen)) \
+    X(C_VerifyMessageBegin, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                             CK_ULONG ulParameterLen)) \
+    X(C_VerifyMessageNext, (CK_SESSION_HANDLE hSession, CK_VOID_PTR pParameter, \
+                            CK_ULONG ulParameterLen, CK_BYTE_PTR pData, CK_ULONG ulDataLen, \
+                            CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen)) \
+    X(C_MessageVerifyFinal, (CK_SESSION_HANDLE hSession))
+
 #ifndef CK_EXPORT
 #define CK_EXPORT
 #endif
@@ -445,14 +557,28 @@ typedef CK_FUNCTION_LIST_PTR CK_PTR CK_FUNCTION_LIST_PTR_PTR;
 CK_PKCS11_FUNCTIONS(CK_PKCS11_DECLARE_)
 #undef CK_PKCS11_DECLARE_
 
+extern CK_EXPORT CK_RV C_GetInterfaceList(CK_INTERFACE_PTR pInterfacesList,
+                                          CK_ULONG_PTR pulCount);
+extern CK_EXPORT CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pVersion,
+                                      CK_INTERFACE_PTR_PTR ppInterface, CK_FLAGS flags);
+
 #define CK_PKCS11_TYPEDEF_(name, params) typedef CK_RV (CK_PTR CK_##name) params;
 CK_PKCS11_FUNCTIONS(CK_PKCS11_TYPEDEF_)
+CK_PKCS11_3_0_FUNCTIONS(CK_PKCS11_TYPEDEF_)
 #undef CK_PKCS11_TYPEDEF_
 
 struct CK_FUNCTION_LIST {
     CK_VERSION version;
 #define CK_PKCS11_MEMBER_(name, params) CK_##name name;
     CK_PKCS11_FUNCTIONS(CK_PKCS11_MEMBER_)
+#undef CK_PKCS11_MEMBER_
+};
+
+struct CK_FUNCTION_LIST_3_0 {
+    CK_VERSION version;
+#define CK_PKCS11_MEMBER_(name, params) CK_##name name;
+    CK_PKCS11_FUNCTIONS(CK_PKCS11_MEMBER_)
+    CK_PKCS11_3_0_FUNCTIONS(CK_PKCS11_MEMBER_)
 #undef CK_PKCS11_MEMBER_
 };
 

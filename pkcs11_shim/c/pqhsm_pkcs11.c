@@ -1,5 +1,5 @@
 /*
- * libpqhsm-pkcs11.so - the pqhsm appliance's own PKCS#11 module (slice 1).
+ * libpqhsm-pkcs11.so - the pqhsm appliance's own PKCS#11 module (issue 7).
  *
  * Forwards PKCS#11 calls over a Unix socket to the appliance's front end
  * (python -m pkcs11_shim serve), speaking the p11-kit 0.24 RPC protocol (offering the
@@ -24,6 +24,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -32,6 +33,7 @@
 #define MAX_DEPTH 2            /* nested attribute templates */
 #define NULL_LEN 0xffffffffu
 #define RANDOM_CHUNK 16384u
+#define SIGN_CHUNK (256u * 1024u) /* C_SignUpdate data per request */
 #define IO_TIMEOUT_SECONDS 30
 #define EXTENSION_VERSION 0x50 /* pqhsm extension v1 (README.md) */
 #define MAX_SIGN_CONTEXT 255u
@@ -63,6 +65,12 @@ enum {
     CALL_FindObjectsFinal = 28,
     CALL_SignInit = 42,
     CALL_Sign = 43,
+    CALL_SignUpdate = 44,
+    CALL_SignFinal = 45,
+    CALL_VerifyInit = 48,
+    CALL_Verify = 49,
+    CALL_VerifyUpdate = 50,
+    CALL_VerifyFinal = 51,
     CALL_GenerateRandom = 64,
 };
 
@@ -280,6 +288,33 @@ static int send_all(int fd, const void *p, size_t n)
     return 0;
 }
 
+/* Send several buffers with as few system calls as the socket allows (one, usually). */
+static int sendv_all(int fd, struct iovec *iov, int n)
+{
+    while (n > 0) {
+        struct msghdr mh;
+        memset(&mh, 0, sizeof(mh));
+        mh.msg_iov = iov;
+        mh.msg_iovlen = (size_t)n;
+        ssize_t k = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        size_t done = (size_t)k;
+        while (n > 0 && done >= iov->iov_len) {
+            done -= iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + done;
+            iov->iov_len -= done;
+        }
+    }
+    return 0;
+}
+
 static int recv_all(int fd, void *p, size_t n)
 {
     uint8_t *b = p;
@@ -329,8 +364,14 @@ static CK_RV connect_server(void)
     struct timeval tv = {IO_TIMEOUT_SECONDS, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    /* Offer the pqhsm extension; a plain p11-kit server answers 0 (version 0 only). */
-    uint8_t version = EXTENSION_VERSION;
+    /*
+     * Offer the pqhsm extension; a plain p11-kit server answers 0 (version 0 only).
+     * PQHSM_EXTENSION=off offers version 0: the connection then shows exactly what
+     * p11-kit-client.so shows (for clients such as libp11 0.4.12 that stop enumerating
+     * keys at the first key type they do not know).
+     */
+    const char *ext = getenv("PQHSM_EXTENSION");
+    uint8_t version = (ext != NULL && strcmp(ext, "off") == 0) ? 0 : EXTENSION_VERSION;
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || send_all(fd, &version, 1) < 0 ||
         recv_all(fd, &version, 1) < 0 || (version != 0 && version != EXTENSION_VERSION)) {
         close(fd);
@@ -377,9 +418,13 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
     w_u32(&head, code);
     w_u32(&head, (uint32_t)(sizeof(MODULE_NAME) - 1));
     w_u32(&head, (uint32_t)req->len);
-    int ok = !head.failed && send_all(g_fd, head.data, head.len) == 0 &&
-             send_all(g_fd, MODULE_NAME, sizeof(MODULE_NAME) - 1) == 0 &&
-             send_all(g_fd, req->data, req->len) == 0;
+    /* header, options (the module name), body: one sendmsg */
+    struct iovec iov[3] = {
+        {head.data, head.len},
+        {(void *)MODULE_NAME, sizeof(MODULE_NAME) - 1},
+        {req->data, req->len},
+    };
+    int ok = !head.failed && sendv_all(g_fd, iov, 3) == 0;
     free(head.data);
     free(req->data);
     if (!ok)
@@ -795,7 +840,8 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved)
     LEAVE(CKR_OK);
 }
 
-CK_RV C_GetInfo(CK_INFO_PTR pInfo)
+/* C_GetInfo of the 2.40 list (C_GetInfo) and of the 3.0 list (get_info_3_0). */
+static CK_RV get_info(CK_INFO_PTR pInfo, CK_BYTE major, CK_BYTE minor)
 {
     if (pInfo == NULL)
         return CKR_ARGUMENTS_BAD;
@@ -815,13 +861,17 @@ CK_RV C_GetInfo(CK_INFO_PTR pInfo)
     r_version(&r, &info.libraryVersion);
     rv = finish(&r, CKR_OK);
     if (rv == CKR_OK) {
-        /* This library speaks v2.40 whatever the server says. */
-        info.cryptokiVersion.major = 2;
-        info.cryptokiVersion.minor = 40;
+        /* The interface's version, whatever the server says. */
+        info.cryptokiVersion.major = major;
+        info.cryptokiVersion.minor = minor;
         *pInfo = info;
     }
     LEAVE(rv);
 }
+
+CK_RV C_GetInfo(CK_INFO_PTR pInfo) { return get_info(pInfo, 2, 40); }
+
+static CK_RV get_info_3_0(CK_INFO_PTR pInfo) { return get_info(pInfo, 3, 0); }
 
 CK_RV C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList, CK_ULONG_PTR pulCount)
 {
@@ -1120,7 +1170,8 @@ static void put_be(uint8_t *p, uint64_t v, size_t n)
 
 /*
  * The pqhsm extension's parameter encoding (README.md), carried as the M field's bytes:
- * CKM_ML_DSA    CK_SIGN_ADDITIONAL_CONTEXT -> u64 hedgeVariant | u32 len | context
+ * CKM_ML_DSA, CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE
+ *               CK_SIGN_ADDITIONAL_CONTEXT -> u64 hedgeVariant | u32 len | context
  * CKM_EDDSA     CK_EDDSA_PARAMS            -> u8 phFlag | u32 len | context
  * Every other mechanism: no parameter.  No parameter at all encodes as zero bytes.
  */
@@ -1132,7 +1183,8 @@ static CK_RV encode_sign_param(const CK_MECHANISM *m, uint8_t *out, size_t *out_
             return CKR_MECHANISM_PARAM_INVALID;
         return CKR_OK;
     }
-    if (m->mechanism == CKM_ML_DSA) {
+    if (m->mechanism == CKM_ML_DSA || m->mechanism == CKM_PQHSM_DUAL ||
+        m->mechanism == CKM_PQHSM_COMPOSITE) {
         if (m->ulParameterLen != sizeof(CK_SIGN_ADDITIONAL_CONTEXT))
             return CKR_MECHANISM_PARAM_INVALID;
         const CK_SIGN_ADDITIONAL_CONTEXT *p = m->pParameter;
@@ -1162,7 +1214,9 @@ static CK_RV encode_sign_param(const CK_MECHANISM *m, uint8_t *out, size_t *out_
     return CKR_MECHANISM_PARAM_INVALID; /* no other mechanism takes a parameter */
 }
 
-CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
+/* C_SignInit and C_VerifyInit: "uMu" with the extension's parameter encoding. */
+static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
+                            CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
 {
     if (pMechanism == NULL)
         return CKR_ARGUMENTS_BAD;
@@ -1176,12 +1230,17 @@ CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJ
         return prv;
     ENTER();
     wbuf w;
-    w_begin(&w, CALL_SignInit, "uMu");
+    w_begin(&w, call_id, "uMu");
     w_u64(&w, hSession);
     w_u32(&w, (uint32_t)pMechanism->mechanism);
     w_bytes(&w, param_len ? param : NULL, param_len); /* empty: no parameter */
     w_u64(&w, hKey);
-    LEAVE(simple_call(&w, CALL_SignInit));
+    LEAVE(simple_call(&w, call_id));
+}
+
+CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
+{
+    return operation_init(CALL_SignInit, hSession, pMechanism, hKey);
 }
 
 CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
@@ -1200,6 +1259,100 @@ CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
     w_ay(&w, pData ? pData : empty, ulDataLen);
     w_fbuf(&w, pSignature, *pulSignatureLen);
     CK_RV rv = transact(&w, CALL_Sign, "ay", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_byte_out(&r, pSignature, pulSignatureLen);
+    LEAVE(finish(&r, rv));
+}
+
+/*
+ * Multi-part signing and verification.  A part is sent in SIGN_CHUNK requests (the
+ * server caps the whole message at 64 MiB); the first failing request's CKR is returned
+ * and, as the server ends the operation on any error, nothing more is sent.
+ */
+static CK_RV update_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart,
+                         CK_ULONG ulPartLen)
+{
+    if (pPart == NULL && ulPartLen != 0)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    static const CK_BYTE empty[1] = {0};
+    CK_ULONG done = 0;
+    CK_RV rv = CKR_OK;
+    do {
+        CK_ULONG n = ulPartLen - done > SIGN_CHUNK ? SIGN_CHUNK : ulPartLen - done;
+        wbuf w;
+        w_begin(&w, call_id, "uay");
+        w_u64(&w, hSession);
+        w_ay(&w, pPart ? pPart + done : empty, n);
+        rv = simple_call(&w, call_id);
+        done += n;
+    } while (rv == CKR_OK && done < ulPartLen);
+    LEAVE(rv);
+}
+
+CK_RV C_SignUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
+{
+    return update_call(CALL_SignUpdate, hSession, pPart, ulPartLen);
+}
+
+CK_RV C_VerifyInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                   CK_OBJECT_HANDLE hKey)
+{
+    return operation_init(CALL_VerifyInit, hSession, pMechanism, hKey);
+}
+
+CK_RV C_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+               CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen)
+{
+    if ((pData == NULL && ulDataLen != 0) || (pSignature == NULL && ulSignatureLen != 0))
+        return CKR_ARGUMENTS_BAD;
+    if (ulDataLen >= MAX_MESSAGE)
+        return CKR_DATA_LEN_RANGE;
+    if (ulSignatureLen >= MAX_MESSAGE)
+        return CKR_SIGNATURE_LEN_RANGE;
+    ENTER();
+    static const CK_BYTE empty[1] = {0};
+    wbuf w;
+    w_begin(&w, CALL_Verify, "uayay");
+    w_u64(&w, hSession);
+    w_ay(&w, pData ? pData : empty, ulDataLen);
+    w_ay(&w, pSignature ? pSignature : empty, ulSignatureLen);
+    LEAVE(simple_call(&w, CALL_Verify));
+}
+
+CK_RV C_VerifyUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
+{
+    return update_call(CALL_VerifyUpdate, hSession, pPart, ulPartLen);
+}
+
+CK_RV C_VerifyFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen)
+{
+    if (pSignature == NULL && ulSignatureLen != 0)
+        return CKR_ARGUMENTS_BAD;
+    if (ulSignatureLen >= MAX_MESSAGE)
+        return CKR_SIGNATURE_LEN_RANGE;
+    ENTER();
+    static const CK_BYTE empty[1] = {0};
+    wbuf w;
+    w_begin(&w, CALL_VerifyFinal, "uay");
+    w_u64(&w, hSession);
+    w_ay(&w, pSignature ? pSignature : empty, ulSignatureLen);
+    LEAVE(simple_call(&w, CALL_VerifyFinal));
+}
+
+CK_RV C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature,
+                  CK_ULONG_PTR pulSignatureLen)
+{
+    if (pulSignatureLen == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_SignFinal, "ufy");
+    w_u64(&w, hSession);
+    w_fbuf(&w, pSignature, *pulSignatureLen);
+    CK_RV rv = transact(&w, CALL_SignFinal, "ay", &r);
     if (rv != CKR_OK)
         LEAVE(rv);
     rv = read_byte_out(&r, pSignature, pulSignatureLen);
@@ -1272,6 +1425,12 @@ CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_UL
 #define IMPL_C_FindObjectsFinal PROBE_
 #define IMPL_C_SignInit PROBE_
 #define IMPL_C_Sign PROBE_
+#define IMPL_C_SignUpdate PROBE_
+#define IMPL_C_SignFinal PROBE_
+#define IMPL_C_VerifyInit PROBE_
+#define IMPL_C_Verify PROBE_
+#define IMPL_C_VerifyUpdate PROBE_
+#define IMPL_C_VerifyFinal PROBE_
 #define IMPL_C_GenerateRandom PROBE_
 
 #define STUB_1(name, params)
@@ -1297,4 +1456,93 @@ CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionList)
         return CKR_ARGUMENTS_BAD;
     *ppFunctionList = &g_function_list;
     return CKR_OK;
+}
+
+/* ------------------------------------------------------ PKCS#11 3.0 interfaces -- */
+
+/*
+ * The 3.0 list: the same v2.40 entries (C_GetInfo reports 3.0) followed by the 24
+ * functions 3.0 appends.  Apart from C_GetInterfaceList and C_GetInterface they return
+ * CKR_FUNCTION_NOT_SUPPORTED (no message-based operations, no named users, no
+ * C_SessionCancel yet).
+ */
+#define STUB30_(name, params) \
+    static CK_RV name params { return CKR_FUNCTION_NOT_SUPPORTED; }
+#define STUB30(name, params) CAT(STUB30_, IS_IMPL(name))(name, params)
+#define STUB30_1(name, params)
+#define STUB30_0(name, params) STUB30_(name, params)
+#define IMPL_C_GetInterfaceList PROBE_
+#define IMPL_C_GetInterface PROBE_
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+CK_PKCS11_3_0_FUNCTIONS(STUB30)
+#pragma GCC diagnostic pop
+
+/* The 3.0 list's entries: the same functions, except C_GetInfo (reports 3.0). */
+#define V30_C_GetInfo PROBE_
+#define ENTRY30_1(name) get_info_3_0
+#define ENTRY30_0(name) name
+#define ENTRY30(name, params) CAT(ENTRY30_, IS_PROBE_(CAT(V30_, name)))(name),
+
+static CK_FUNCTION_LIST_3_0 g_function_list_3_0 = {
+    {3, 0},
+    CK_PKCS11_FUNCTIONS(ENTRY30)
+    CK_PKCS11_3_0_FUNCTIONS(ENTRY30)
+};
+
+static CK_CHAR g_interface_name[] = "PKCS 11";
+
+/*
+ * Two interfaces named "PKCS 11": 3.0 (the default, first) and 2.40.  Neither sets
+ * CKF_INTERFACE_FORK_SAFE: after fork() a child gets no copy of its parent's sessions or
+ * login (it must call C_Initialize and starts afresh, see README).
+ */
+static CK_INTERFACE g_interfaces[] = {
+    {g_interface_name, &g_function_list_3_0, 0},
+    {g_interface_name, &g_function_list, 0},
+};
+#define N_INTERFACES (sizeof(g_interfaces) / sizeof(g_interfaces[0]))
+
+CK_RV C_GetInterfaceList(CK_INTERFACE_PTR pInterfacesList, CK_ULONG_PTR pulCount)
+{
+    if (pulCount == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (pInterfacesList == NULL) {
+        *pulCount = N_INTERFACES;
+        return CKR_OK;
+    }
+    if (*pulCount < N_INTERFACES) {
+        *pulCount = N_INTERFACES;
+        return CKR_BUFFER_TOO_SMALL;
+    }
+    memcpy(pInterfacesList, g_interfaces, sizeof(g_interfaces));
+    *pulCount = N_INTERFACES;
+    return CKR_OK;
+}
+
+static CK_VERSION interface_version(const CK_INTERFACE *i)
+{
+    return *(const CK_VERSION *)i->pFunctionList; /* both lists begin with their version */
+}
+
+CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pVersion,
+                     CK_INTERFACE_PTR_PTR ppInterface, CK_FLAGS flags)
+{
+    if (ppInterface == NULL)
+        return CKR_ARGUMENTS_BAD;
+    for (size_t i = 0; i < N_INTERFACES; i++) {
+        CK_INTERFACE *it = &g_interfaces[i];
+        CK_VERSION v = interface_version(it);
+        if (pInterfaceName != NULL && strcmp((const char *)pInterfaceName,
+                                             (const char *)it->pInterfaceName) != 0)
+            continue;
+        if (pVersion != NULL && (pVersion->major != v.major || pVersion->minor != v.minor))
+            continue;
+        if ((it->flags & flags) != flags)
+            continue;
+        *ppInterface = it;
+        return CKR_OK;
+    }
+    return CKR_ARGUMENTS_BAD; /* no interface with that name, version and flags */
 }

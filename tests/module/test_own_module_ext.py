@@ -130,15 +130,17 @@ def _objects(out: str) -> list[tuple[str, str]]:
     return found
 
 
-def test_hybrid_key_has_ec_and_mldsa_objects(ext: Ext) -> None:
+def test_hybrid_key_has_ec_mldsa_and_dual_objects(ext: Ext) -> None:
     key = ext.keys["hybrid"]
     r = ext.tool("-O", login=True)
     assert r.returncode == 0, r.stderr
     mine = sorted(h for h, i in _objects(r.stdout.decode()) if i == cka_id_of(key).hex())
-    assert mine == [
+    assert mine == [  # EC, ML-DSA (CKK_ML_DSA 0x4a) and dual (CKK_PQHSM_DUAL 0x80000001)
         "Private Key Object; EC",
+        "Private Key Object; unknown key algorithm 2147483649",
         "Private Key Object; unknown key algorithm 74",
         "Public Key Object; EC",
+        "Public Key Object; unknown key algorithm 2147483649",
         "Public Key Object; unknown key algorithm 74",
     ], r.stdout.decode()
 
