@@ -39,7 +39,14 @@ from appliance.keystore import KDF_NAMES, PBKDF2_SHA3, calibrate
 from appliance.secret import SecretBytes, read_secret_fd
 from appliance.service import Appliance, supported_key_types
 
-__all__ = ["get_secret", "main", "read_passphrase", "read_pin"]
+__all__ = [
+    "add_console_arguments",
+    "get_secret",
+    "import_hardware",
+    "main",
+    "read_passphrase",
+    "read_pin",
+]
 
 MAX_INPUT = 64 << 20
 
@@ -384,6 +391,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if pb["liboqs_available"]
         else "liboqs not installed"
     )
+    if pb["liboqs_version"]:
+        oqs = f"liboqs {pb['liboqs_version']} at {pb['liboqs_library']}"
+    if pb["liboqs_problem"]:
+        oqs = f"liboqs not usable: {pb['liboqs_problem']}"
     print(f"pqc backend {pb['active']} ({oqs})")
     print(
         f"wal         {st.wal['records']} record(s), head seq {st.wal['head_seq']} "
@@ -839,6 +850,35 @@ def cmd_audit_rotate(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def import_hardware(module: str) -> Any:
+    """Import a ``hardware`` module only when its command runs (appliance never needs it).
+
+    :raises ConfigError: the hardware lab or its dependency (pyserial) is not installed.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == "serial":
+            raise ConfigError(
+                "this command needs pyserial, which is not installed (pip install pyserial)"
+            ) from None
+        if exc.name is not None and exc.name.split(".")[0] == "hardware":
+            raise ConfigError("the hardware lab (package `hardware`) is not installed") from None
+        raise
+
+
+def cmd_console(args: argparse.Namespace, cfg: Config) -> int:
+    rc: int = import_hardware("hardware.console").run_command(args, cfg.home)
+    return rc
+
+
+def cmd_lab_run(args: argparse.Namespace, cfg: Config) -> int:
+    rc: int = import_hardware("hardware.matrix").run_command(args)
+    return rc
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.hex()
@@ -876,6 +916,26 @@ def _secret_args(p: argparse.ArgumentParser, *, passphrase: bool = True) -> None
         )
     else:
         p.set_defaults(passphrase_file=None, passphrase_fd=None)
+
+
+def add_console_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``pqhsm console`` (and the older ``pqhsm-console serve``).
+
+    Declared here, not in ``hardware/``, so that ``pqhsm --help`` works without pyserial.
+    """
+    p.add_argument(
+        "--port", help="device path or pyserial URL (/dev/ttyUSB0, socket://host:port, rfc2217://)"
+    )
+    p.add_argument("--baud", type=int, default=115200, help="line speed, 8N1 (default 115200)")
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="idle logout in seconds")
+    p.add_argument("--backup-dir", type=Path, help="folder the `backup` command writes into")
+    p.add_argument(
+        "--reconnect-interval", type=float, default=1.0, help="seconds between reopen attempts"
+    )
+    p.add_argument("--set-so-pin", action="store_true", help="set the security officer's PIN")
+    p.add_argument("--so-pin-file", help="with --set-so-pin: file holding the new PIN (0600)")
+    p.add_argument("--so-pin-fd", type=int, help="with --set-so-pin: read the new PIN from fd")
+    _secret_args(p, passphrase=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1047,6 +1107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("create", cmd_recovery_key_create, "make an ML-KEM-1024 recovery keypair", rk)
     p.add_argument("--out", required=True, help="folder for recovery-key.seed and recovery-key.pub")
     _secret_args(p)
+
+    # The hardware lab's commands: their options are declared here so that `pqhsm --help`
+    # works without pyserial; the code runs from hardware/ only when the command does.
+    p = cmd("console", cmd_console, "serve the serial admin console on a port (or set its PIN)")
+    add_console_arguments(p)
+    lab = sub.add_parser("lab", help="token lab").add_subparsers(
+        dest="lab_command", required=True, metavar="ACTION"
+    )
+    p = cmd("run", cmd_lab_run, "run the token matrix of a lab.toml; write JSON and HTML", lab)
+    p.add_argument("config", type=Path, help="lab.toml")
+    p.add_argument("--out", type=Path, default=Path("matrix-report"), help="report directory")
+    p.add_argument("--ops-seconds", type=float, help="override the signing window (seconds)")
+    p.add_argument("--work", type=Path, help="keep each run's token directories under here")
 
     pp = sub.add_parser("passphrase", help="keystore passphrase").add_subparsers(
         dest="pp_command", required=True, metavar="ACTION"

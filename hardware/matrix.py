@@ -1,30 +1,41 @@
 """Token lab matrix: the same checks against every PKCS#11 target in ``lab.toml``.
 
-``python -m hardware.matrix run lab.toml --out DIR`` writes ``DIR/report.json`` and a
-self-contained ``DIR/report.html`` (inline CSS, inline SVG), prints one line per token and
-exits 0 when every applicable check passed, 2 when one failed and 1 on a config error.
+``pqhsm lab run lab.toml --out DIR`` (also ``python -m hardware.matrix run``) writes
+``DIR/report.json`` and a self-contained ``DIR/report.html`` (inline CSS, inline SVG),
+prints one line per token and exits 0 when every applicable check passed, 2 when one
+failed and 1 on a config error.
 
 ``lab.toml`` lists ``[[token]]`` tables with these keys:
 
-``name`` (required), ``module`` (required: path of the PKCS#11 module),
-``init`` (optional): ``"softhsm-temp"`` makes a throw-away SoftHSM2 token directory and
-token; ``"pqhsm-server"`` makes a temporary appliance (embedded SoftHSM2, two ECDSA keys)
-and serves it with ``python -m pkcs11_shim serve`` for the module (``p11-kit-client.so``);
-without ``init`` the token is a real one named by ``label`` and ``pin_file`` (relative to
-the TOML file).  A top-level ``ops_seconds`` sets the signing-throughput window.
+``name`` (required), ``module`` (the PKCS#11 module's path; required except for
+``pqhsm-module``), ``init`` (optional):
 
-A target whose module file is missing is *skipped* with that reason, not an error.
+* ``"softhsm-temp"``: a throw-away SoftHSM2 token directory and token;
+* ``"pqhsm-module"``: pqhsm's own module (``module`` defaults to
+  ``pkcs11_shim/c/libpqhsm-pkcs11.so``, built by ``make -C pkcs11_shim/c``) in front of a
+  temporary appliance (embedded SoftHSM2, one key per algorithm: ECDSA P-256/P-384,
+  Ed25519, Ed448, ML-DSA-87) served, keystore unlocked, by ``python -m pkcs11_shim serve``;
+* ``"pqhsm-server"``: the same server with a module that speaks plain p11-kit RPC
+  (``p11-kit-client.so``) and two ECDSA keys;
+* no ``init``: a real token (YubiHSM 2, Nitrokey HSM through OpenSC ...) named by
+  ``label`` and ``pin_file`` (relative to the TOML file).
+
+A top-level ``ops_seconds`` sets the signing-throughput window.  A target whose module file
+is missing is *skipped* with that reason, not an error.
 
 Each target is probed in a child process (``python -m hardware.matrix _probe``, spec on
 stdin, JSON verdict on stdout): python-pkcs11 caches modules per path, SoftHSM2 reads
 ``SOFTHSM2_CONF`` once, and a python-pkcs11 client in the server's process would deadlock
 on the GIL.  The probe lists the mechanisms (``C_GetMechanismList`` + info flags), then per
-algorithm (EC P-256, EC P-384, Ed25519): keygen where the mechanism exists (otherwise
-"unsupported", and an existing key of that curve is used if the token has one), sign and
-verify independently with ``cryptography`` from ``CKA_EC_POINT``, destroy what it
-generated, and signing ops/s.  For ``pqhsm-server`` a migration scenario follows: three
-more ECDSA keys made by the appliance, ``pqhsm migrate --all --to PQC_ONLY``, and a check
-over PKCS#11 that their private objects are gone.
+algorithm (:data:`ALGORITHMS`: EC P-256, EC P-384, Ed25519, Ed448, ML-DSA-87): keygen where
+the mechanism exists (otherwise "unsupported", and an existing key of that kind is used if
+the token has one), sign and verify independently with ``cryptography`` from the public
+key alone (``CKA_EC_POINT``, or ``CKA_VALUE`` for ML-DSA) with the main mechanism and with
+each extra one the token lists (``CKM_ECDSA_SHA256``/``SHA384``), destroy what it
+generated, and signing ops/s.  For the two ``pqhsm-*`` targets a migration scenario
+follows: three more ECDSA keys made by the appliance, ``pqhsm migrate --all --to
+PQC_ONLY``, then a check over PKCS#11 that their classical private objects are gone and,
+where the module shows ML-DSA objects (pqhsm's own module), that each now has one.
 
 Lab use only: this module talks to arbitrary modules directly, so (unlike the appliance,
 where only :mod:`appliance.token.pkcs11` imports ``pkcs11``) the probe imports
@@ -71,6 +82,7 @@ __all__ = [
     "main",
     "probe",
     "render_html",
+    "run_command",
     "run_matrix",
     "run_target",
 ]
@@ -79,7 +91,10 @@ log = logging.getLogger(__name__)
 
 INIT_SOFTHSM: Final = "softhsm-temp"
 INIT_PQHSM: Final = "pqhsm-server"
-INIT_MODES: Final = (INIT_SOFTHSM, INIT_PQHSM)
+INIT_MODULE: Final = "pqhsm-module"
+INIT_MODES: Final = (INIT_SOFTHSM, INIT_PQHSM, INIT_MODULE)
+#: pqhsm's own PKCS#11 module, where ``make -C pkcs11_shim/c`` (and bootstrap.sh) builds it.
+OWN_MODULE: Final = Path(__file__).resolve().parents[1] / "pkcs11_shim" / "c" / "libpqhsm-pkcs11.so"
 TOKEN_KEYS: Final = frozenset({"name", "module", "init", "label", "pin_file"})
 TOP_KEYS: Final = frozenset({"token", "ops_seconds"})
 
@@ -87,12 +102,39 @@ PASS: Final = "pass"  # noqa: S105 - a check status, not a password
 FAIL: Final = "fail"
 UNSUPPORTED: Final = "unsupported"
 
-# (name, key type, keygen mechanism, sign mechanism, DER of the curve OID for CKA_EC_PARAMS)
+P256: Final = bytes.fromhex("06082a8648ce3d030107")
+P384: Final = bytes.fromhex("06052b81040022")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One key kind the probe exercises.
+
+    :param sign: the main signing mechanism (timed for ops/s), then any extra mechanisms
+        checked once each (``sign-verify:NAME:MECH``).
+    :param params: DER of the curve OID for ``CKA_EC_PARAMS``; ``None`` for ML-DSA, whose
+        keys are matched by ``CKA_PARAMETER_SET``.
+    """
+
+    name: str
+    key_type: str
+    keygen: str
+    sign: tuple[str, ...]
+    params: bytes | None
+
+
 ALGORITHMS: Final = (
-    ("ec-p256", "EC", "EC_KEY_PAIR_GEN", "ECDSA", bytes.fromhex("06082a8648ce3d030107")),
-    ("ec-p384", "EC", "EC_KEY_PAIR_GEN", "ECDSA", bytes.fromhex("06052b81040022")),
-    ("ed25519", "EC_EDWARDS", "EC_EDWARDS_KEY_PAIR_GEN", "EDDSA", bytes.fromhex("06032b6570")),
+    Algorithm("ec-p256", "EC", "EC_KEY_PAIR_GEN", ("ECDSA", "ECDSA_SHA256"), P256),
+    Algorithm("ec-p384", "EC", "EC_KEY_PAIR_GEN", ("ECDSA", "ECDSA_SHA384"), P384),
+    Algorithm(
+        "ed25519", "EC_EDWARDS", "EC_EDWARDS_KEY_PAIR_GEN", ("EDDSA",), bytes.fromhex("06032b6570")
+    ),
+    Algorithm(
+        "ed448", "EC_EDWARDS", "EC_EDWARDS_KEY_PAIR_GEN", ("EDDSA",), bytes.fromhex("06032b6571")
+    ),
+    Algorithm("ml-dsa-87", "ML_DSA", "ML_DSA_KEY_PAIR_GEN", ("ML_DSA",), None),
 )
+CKP_ML_DSA_87: Final = 3
 # Mechanisms shown in the coverage table (the report keeps every mechanism in the JSON).
 COVERAGE: Final = (
     "EC_KEY_PAIR_GEN",
@@ -101,6 +143,8 @@ COVERAGE: Final = (
     "ECDSA_SHA384",
     "EC_EDWARDS_KEY_PAIR_GEN",
     "EDDSA",
+    "ML_DSA_KEY_PAIR_GEN",
+    "ML_DSA",
     "RSA_PKCS_KEY_PAIR_GEN",
     "SHA256_RSA_PKCS_PSS",
     "AES_KEY_GEN",
@@ -113,6 +157,14 @@ MIGRATION_KEYS: Final = (
     ("ecdsa-p384", "mig-3"),
 )
 SERVED_KEYS: Final = (("ecdsa-p256", "matrix-p256"), ("ecdsa-p384", "matrix-p384"))
+#: What the pqhsm-module target serves: one key per algorithm the module's extension signs.
+MODULE_KEYS: Final = (
+    *SERVED_KEYS,
+    ("ed25519", "matrix-ed25519"),
+    ("ed448", "matrix-ed448"),
+    ("ml-dsa-87", "matrix-ml-dsa"),
+)
+CLASSICAL_KINDS: Final = frozenset({"EC", "EC_EDWARDS"})
 
 
 class MatrixConfigError(ConfigError):
@@ -141,6 +193,8 @@ class TokenTarget:
         unknown = sorted(set(data) - TOKEN_KEYS)
         if unknown:
             raise MatrixConfigError(f"[[token]]: unknown key(s) {', '.join(unknown)}")
+        if data.get("init") == INIT_MODULE and "module" not in data:
+            data = {**data, "module": str(OWN_MODULE)}
         for key in ("name", "module"):
             if not isinstance(data.get(key), str) or not data[key]:
                 raise MatrixConfigError(f"[[token]]: {key!r} must be a non-empty string")
@@ -310,37 +364,58 @@ def _unwrap_point(data: bytes) -> bytes:
     return data
 
 
-def _verify(alg: str, point: bytes, message: bytes, signature: bytes) -> None:
-    """Verify with ``cryptography`` from the public point alone; raise on a bad signature."""
+def _verify(alg: Algorithm, mech: str, public: bytes, message: bytes, signature: bytes) -> None:
+    """Verify with ``cryptography`` from the public key alone; raise on a bad signature.
+
+    ``public`` is ``CKA_EC_POINT`` for EC and EdDSA keys, ``CKA_VALUE`` for ML-DSA.
+    ``CKM_ECDSA`` signed the SHA-256 digest; ``CKM_ECDSA_SHA*`` and the others the message.
+    """
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
     from cryptography.hazmat.primitives.asymmetric.utils import (
         Prehashed,
         encode_dss_signature,
     )
 
-    raw = _unwrap_point(point)
-    if alg == "ed25519":
+    if alg.key_type == "ML_DSA":
+        mldsa.MLDSA87PublicKey.from_public_bytes(public).verify(signature, message)
+        return
+    raw = _unwrap_point(public)
+    if alg.name == "ed25519":
         ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, message)
         return
-    curve: ec.EllipticCurve = ec.SECP256R1() if alg == "ec-p256" else ec.SECP384R1()
+    if alg.name == "ed448":
+        ed448.Ed448PublicKey.from_public_bytes(raw).verify(signature, message)
+        return
+    curve: ec.EllipticCurve = ec.SECP256R1() if alg.params == P256 else ec.SECP384R1()
     pub = ec.EllipticCurvePublicKey.from_encoded_point(curve, raw)
     half = len(signature) // 2
     der = encode_dss_signature(
         int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
     )
-    digest = hashlib.sha256(message).digest()
-    pub.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    if mech == "ECDSA":
+        digest = hashlib.sha256(message).digest()
+        pub.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        return
+    hash_alg: hashes.HashAlgorithm = hashes.SHA384() if mech == "ECDSA_SHA384" else hashes.SHA256()
+    pub.verify(der, message, ec.ECDSA(hash_alg))
 
 
-def _sign(alg: str, priv: PrivateKey, message: bytes, mechanism: Any) -> bytes:
-    """ECDSA signs the SHA-256 digest (``CKM_ECDSA``); EdDSA signs the message."""
+def _sign(mech: str, priv: PrivateKey, message: bytes) -> bytes:
+    """``CKM_ECDSA`` signs the SHA-256 digest; every other mechanism signs the message."""
+    from pkcs11 import Mechanism
     from pkcs11.types import SignMixin
 
-    data = message if alg == "ed25519" else hashlib.sha256(message).digest()
+    data = hashlib.sha256(message).digest() if mech == "ECDSA" else message
     if not isinstance(priv, SignMixin):
         raise TypeError("not a signing key")
-    return bytes(priv.sign(data, mechanism=mechanism))
+    return bytes(priv.sign(data, mechanism=Mechanism[mech]))
+
+
+def _public_bytes(alg: Algorithm, pub: PublicKey) -> bytes:
+    from pkcs11 import Attribute
+
+    return bytes(pub[Attribute.VALUE if alg.params is None else Attribute.EC_POINT])
 
 
 @contextmanager
@@ -358,117 +433,165 @@ def _timed(checks: list[Check], name: str) -> Iterator[Check]:
         checks.append(check)
 
 
-def _find_existing(
-    session: Session, key_type: Any, params: bytes
-) -> tuple[PublicKey, PrivateKey] | None:
-    """A keypair of ``key_type`` on ``params`` already on the token (public found by CKA_ID)."""
-    from pkcs11 import Attribute, ObjectClass
+def _ulong(value: Any) -> int:
+    """A CK_ULONG attribute as python-pkcs11 hands it out (an int, or raw native bytes)."""
+    if isinstance(value, int):
+        return value
+    return int.from_bytes(bytes(value), sys.byteorder)
+
+
+def _matches(alg: Algorithm, obj: Any) -> bool:
+    from pkcs11 import Attribute
+
+    if alg.params is None:
+        return _ulong(obj[Attribute.PARAMETER_SET]) == CKP_ML_DSA_87
+    return bytes(obj[Attribute.EC_PARAMS]) == alg.params
+
+
+def _find_existing(session: Session, alg: Algorithm) -> tuple[PublicKey, PrivateKey] | None:
+    """A keypair of ``alg`` already on the token (the public half found by ``CKA_ID``)."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
 
     # list(): a half-consumed search would make the next one raise OperationActive.
     candidates = list(
         session.get_objects(
-            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: key_type}
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType[alg.key_type]}
         )
     )
     for obj in candidates:
         try:
-            if bytes(obj[Attribute.EC_PARAMS]) != params:
+            if not _matches(alg, obj):
                 continue
             cka_id = bytes(obj[Attribute.ID])
         except Exception:  # noqa: BLE001, S112 - an unreadable object is not a candidate
             continue
         pubs = list(
-            session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: cka_id})
+            session.get_objects(
+                {
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                    Attribute.KEY_TYPE: KeyType[alg.key_type],
+                    Attribute.ID: cka_id,
+                }
+            )
         )
         if pubs:
             return pubs[0], obj  # type: ignore[return-value]
     return None
 
 
-def _private_labels(session: Session) -> list[str]:
-    """Labels of every private-key object visible in ``session``."""
+def _private_objects(session: Session) -> list[list[str]]:
+    """``[label, key type]`` of every private-key object visible in ``session``, sorted."""
     from pkcs11 import Attribute, ObjectClass
 
-    labels = []
+    found = []
     for obj in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
         try:
-            labels.append(str(obj[Attribute.LABEL]))
+            label = str(obj[Attribute.LABEL])
         except Exception:  # noqa: BLE001 - keep counting objects without a label
-            labels.append("")
-    return sorted(labels)
+            label = ""
+        try:
+            kt = obj[Attribute.KEY_TYPE]
+            kind = str(getattr(kt, "name", None) or f"0x{int(kt):x}")
+        except Exception:  # noqa: BLE001 - an unreadable key type is still an object
+            kind = "?"
+        found.append([label, kind])
+    return sorted(found)
+
+
+def _generate(session: Session, alg: Algorithm) -> tuple[PublicKey, PrivateKey]:
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    label = f"pqhsm-matrix-{alg.name}"
+    if alg.params is None:
+        pair = session.generate_keypair(
+            KeyType[alg.key_type],
+            store=True,
+            label=label,
+            mechanism=Mechanism[alg.keygen],
+            public_template={Attribute.PARAMETER_SET: CKP_ML_DSA_87},
+        )
+    else:
+        dom = session.create_domain_parameters(
+            KeyType[alg.key_type], {Attribute.EC_PARAMS: alg.params}, local=True
+        )
+        pair = dom.generate_keypair(store=True, label=label, mechanism=Mechanism[alg.keygen])
+    return pair
 
 
 def _run_algorithm(
     session: Session,
-    alg: tuple[str, str, str, str, bytes],
+    alg: Algorithm,
     mechs: set[str],
     ops_seconds: float,
     result: dict[str, Any],
     *,
     keygen_optional: bool,
 ) -> None:
-    """Keygen, sign/verify, ops/s and destroy for one algorithm; fill ``result``.
+    """Keygen, sign/verify (every mechanism), ops/s and destroy for one algorithm.
 
-    :param keygen_optional: a token error from ``C_GenerateKeyPair`` means "unsupported".
+    :param keygen_optional: a token error from ``C_GenerateKeyPair`` means "unsupported"
+        (a module in front of an appliance, where keys are made by the operator).
     """
-    from pkcs11 import Attribute, KeyType, Mechanism
     from pkcs11.exceptions import FunctionNotSupported, MechanismInvalid, PKCS11Error
 
-    name, key_type_name, gen_name, sign_name, params = alg
+    name = alg.name
     checks: list[Check] = result["checks"]
-    key_type = KeyType[key_type_name]
-    sign_mech = Mechanism[sign_name]
     keypair: tuple[PublicKey, PrivateKey] | None = None
     generated = False
-    keygen = Check(f"keygen:{name}", UNSUPPORTED, detail=f"no {gen_name}")
-    if gen_name in mechs:
+    keygen = Check(f"keygen:{name}", UNSUPPORTED, detail=f"no {alg.keygen}")
+    if alg.keygen in mechs:
         with _timed(checks, f"keygen:{name}") as keygen:
-            dom = session.create_domain_parameters(
-                key_type, {Attribute.EC_PARAMS: params}, local=True
-            )
             try:
-                keypair = dom.generate_keypair(
-                    store=True, label=f"pqhsm-matrix-{name}", mechanism=Mechanism[gen_name]
-                )
+                keypair = _generate(session, alg)
                 generated = True
-                keygen.detail = gen_name
+                keygen.detail = alg.keygen
             except PKCS11Error as exc:
-                # Advertised but not (yet) usable: not a failure where keygen is optional
-                # (the pqhsm shim), nor anywhere the module says it has no such function.
+                # Advertised but not usable: not a failure where keygen is optional, nor
+                # anywhere the module says it has no such function.
                 if not keygen_optional and not isinstance(
                     exc, FunctionNotSupported | MechanismInvalid
                 ):
                     raise
                 keygen.status = UNSUPPORTED
-                keygen.detail = f"{gen_name} advertised; C_GenerateKeyPair: {type(exc).__name__}"
+                keygen.detail = f"{alg.keygen} advertised; C_GenerateKeyPair: {type(exc).__name__}"
     else:
         checks.append(keygen)
     if keypair is None and keygen.status == UNSUPPORTED:
-        keypair = _find_existing(session, key_type, params)
+        keypair = _find_existing(session, alg)
         if keypair is not None:
             keygen.detail += "; using an existing key"
     try:
-        if keypair is None or sign_name not in mechs:
-            why = f"no {sign_name}" if sign_name not in mechs else "no key"
+        main_mech = alg.sign[0]
+        if keypair is None or main_mech not in mechs:
+            why = f"no {main_mech}" if main_mech not in mechs else "no key"
             checks.append(Check(f"sign-verify:{name}", UNSUPPORTED, detail=why))
             return
         pub, priv = keypair
+        public = _public_bytes(alg, pub)
         message = f"pqhsm token matrix {name} {secrets.token_hex(8)}".encode()
         with _timed(checks, f"sign-verify:{name}") as check:
-            signature = _sign(name, priv, message, sign_mech)
-            _verify(name, bytes(pub[Attribute.EC_POINT]), message, signature)
-            check.detail = f"{sign_name}, {len(signature)}-byte signature verified"
+            signature = _sign(main_mech, priv, message)
+            _verify(alg, main_mech, public, message, signature)
+            check.detail = f"{main_mech}, {len(signature)}-byte signature verified"
         if check.status != PASS:
             return
+        for mech in alg.sign[1:]:
+            if mech not in mechs:
+                checks.append(Check(f"sign-verify:{name}:{mech}", UNSUPPORTED, detail=f"no {mech}"))
+                continue
+            with _timed(checks, f"sign-verify:{name}:{mech}") as check:
+                signature = _sign(mech, priv, message)
+                _verify(alg, mech, public, message, signature)
+                check.detail = f"{mech}, {len(signature)}-byte signature verified"
         with _timed(checks, f"ops:{name}") as check:
             count, last = 0, b""
             start = time.perf_counter()
             deadline = start + ops_seconds
             while time.perf_counter() < deadline:
-                last = _sign(name, priv, message, sign_mech)
+                last = _sign(main_mech, priv, message)
                 count += 1
             elapsed = time.perf_counter() - start
-            _verify(name, bytes(pub[Attribute.EC_POINT]), message, last)
+            _verify(alg, main_mech, public, message, last)
             result["ops"][name] = round(count / elapsed, 1)
             check.detail = f"{count} signatures in {elapsed:.2f} s; last one verified"
     finally:
@@ -548,10 +671,10 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     except pkcs11.exceptions.PKCS11Error:
         session = token.open(user_pin=pin.decode())
     with session:
+        result["private_objects"] = _private_objects(session)
+        result["private_labels"] = sorted(label for label, _ in result["private_objects"])
         if spec.get("mode") == "objects":
-            result["private_labels"] = _private_labels(session)
             return result
-        result["private_labels"] = _private_labels(session)
         for alg in ALGORITHMS:
             _run_algorithm(
                 session,
@@ -632,22 +755,28 @@ def _pqhsm(home: Path, *args: str) -> None:
 
 
 @contextmanager
-def _served(home: Path, secrets_dir: Path) -> Iterator[str]:
-    """Run ``python -m pkcs11_shim serve`` on ``home``; yield its P11_KIT_SERVER_ADDRESS."""
+def _served(home: Path, secrets_dir: Path, *, unlock: bool = False) -> Iterator[str]:
+    """Run ``python -m pkcs11_shim serve`` on ``home``; yield its socket address.
+
+    :param unlock: also unlock the keystore (ML-DSA signing opens blobs).
+    """
     sockdir = Path(tempfile.mkdtemp(prefix="p11mx"))  # short: AF_UNIX paths max 107 bytes
+    argv = [
+        sys.executable,
+        "-m",
+        "pkcs11_shim",
+        "serve",
+        "--home",
+        str(home),
+        "--socket",
+        str(sockdir / "p11.sock"),
+        "--pin-file",
+        str(secrets_dir / "token-pin"),
+    ]
+    if unlock:
+        argv += ["--unlock", "--passphrase-file", str(secrets_dir / "passphrase")]
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
-        [
-            sys.executable,
-            "-m",
-            "pkcs11_shim",
-            "serve",
-            "--home",
-            str(home),
-            "--socket",
-            str(sockdir / "p11.sock"),
-            "--pin-file",
-            str(secrets_dir / "token-pin"),
-        ],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -674,34 +803,66 @@ def _served(home: Path, secrets_dir: Path) -> Iterator[str]:
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
+def _client_env(address: str) -> dict[str, str]:
+    """What a module in front of the server needs: p11-kit-client and pqhsm's own module."""
+    return {**child_env(), "P11_KIT_SERVER_ADDRESS": address, "PQHSM_SERVER_ADDRESS": address}
+
+
+def _kinds(objects: list[list[str]], labels: set[str]) -> dict[str, set[str]]:
+    """``label -> key types`` of the private objects whose label is in ``labels``."""
+    out: dict[str, set[str]] = {label: set() for label in labels}
+    for label, kind in objects:
+        if label in out:
+            out[label].add(kind)
+    return out
+
+
 def _migration_check(
-    target: TokenTarget, home: Path, secrets_dir: Path, before: list[str], timeout: float
+    target: TokenTarget,
+    home: Path,
+    secrets_dir: Path,
+    before: list[list[str]],
+    timeout: float,
 ) -> Check:
-    """Migrate every key to PQC_ONLY with ``pqhsm``; check the private objects are gone."""
+    """Migrate every key to PQC_ONLY with ``pqhsm``; check over PKCS#11 what is served.
+
+    Every classical private object (EC, EdDSA) of the migrated keys must be gone.  Where
+    the module shows ML-DSA objects (pqhsm's own module), each migrated key must now have
+    one, so the check also proves the post-quantum half arrived.
+    """
     check = Check(name="migration:pqc-only", status=FAIL)
     start = time.perf_counter()
     try:
         labels = {label for _, label in MIGRATION_KEYS}
-        missing = labels - set(before)
+        was = _kinds(before, labels)
+        missing = sorted(label for label, kinds in was.items() if not kinds & CLASSICAL_KINDS)
         if missing:
-            check.detail = f"before migration, no private object for {sorted(missing)}"
+            check.detail = f"before migration, no classical private object for {missing}"
             return check
         _pqhsm(home, "migrate", "--all", "--to", "PQC_ONLY", "--json")
         with _served(home, secrets_dir) as address:
-            env = {**child_env(), "P11_KIT_SERVER_ADDRESS": address}
             spec = {
                 "module": target.module,
                 "pin_file": str(secrets_dir / "token-pin"),
                 "mode": "objects",
             }
-            after = _run_probe(spec, env, timeout)["private_labels"]
-        left = sorted(labels & set(after))
+            after = _run_probe(spec, _client_env(address), timeout)["private_objects"]
+        now = _kinds(after, labels)
+        left = sorted(label for label, kinds in now.items() if kinds & CLASSICAL_KINDS)
+        shows_mldsa = any(kind == "ML_DSA" for _, kind in [*before, *after])
+        no_pqc = sorted(label for label, kinds in now.items() if "ML_DSA" not in kinds)
+        n_before = sum(1 for _, kind in before if kind in CLASSICAL_KINDS)
+        n_after = sum(1 for _, kind in after if kind in CLASSICAL_KINDS)
         if left:
-            check.detail = f"private objects still served after PQC_ONLY: {left}"
+            check.detail = f"classical private objects still served after PQC_ONLY: {left}"
+        elif shows_mldsa and no_pqc:
+            check.detail = f"no ML-DSA private object served after PQC_ONLY for {no_pqc}"
         else:
             check.status = PASS
             check.detail = (
-                f"{len(labels)} keys migrated; private objects {len(before)} -> {len(after)}"
+                f"{len(labels)} keys migrated; classical private objects "
+                f"{n_before} -> {n_after}"
+                + (f"; ML-DSA objects for all {len(labels)}" if shows_mldsa else "")
             )
     except DeviceError as exc:
         check.detail = str(exc)[:300]
@@ -710,12 +871,35 @@ def _migration_check(
     return check
 
 
+def _served_target(
+    result: TokenResult, target: TokenTarget, work: Path, ops_seconds: float, timeout: float
+) -> None:
+    """A module in front of a temporary appliance: probe it, then the migration scenario."""
+    own = target.init == INIT_MODULE
+    home, secrets_dir = make_home(work, (*(MODULE_KEYS if own else SERVED_KEYS), *MIGRATION_KEYS))
+    spec = {
+        "module": target.module,
+        "label": target.label,
+        "pin_file": str(secrets_dir / "token-pin"),
+        "ops_seconds": ops_seconds,
+        "keygen_optional": True,  # keys are the operator's to make, not a client's
+    }
+    with _served(home, secrets_dir, unlock=own) as address:
+        verdict = _run_probe(spec, _client_env(address), timeout)
+    _fill(result, verdict)
+    if result.status == "ran":
+        before = verdict["private_objects"]
+        result.checks.append(_migration_check(target, home, secrets_dir, before, timeout))
+
+
 def run_target(target: TokenTarget, work: Path, ops_seconds: float) -> TokenResult:
     """Probe one target (in child processes); never raises for a token's failure."""
     result = TokenResult(name=target.name, module=target.module, init=target.init)
     if not Path(target.module).is_file():
         result.status = "skipped"
         result.reason = f"module not found at {target.module}"
+        if target.init == INIT_MODULE:
+            result.reason += " (build it with `make -C pkcs11_shim/c`)"
         return result
     timeout = 60 + 8 * ops_seconds
     work.mkdir(parents=True, exist_ok=True)
@@ -736,22 +920,8 @@ def run_target(target: TokenTarget, work: Path, ops_seconds: float) -> TokenResu
                 "ops_seconds": ops_seconds,
             }
             _fill(result, _run_probe(spec, {**child_env(), "SOFTHSM2_CONF": str(conf)}, timeout))
-        elif target.init == INIT_PQHSM:
-            home, secrets_dir = make_home(work, (*SERVED_KEYS, *MIGRATION_KEYS))
-            spec = {
-                "module": target.module,
-                "label": target.label,
-                "pin_file": str(secrets_dir / "token-pin"),
-                "ops_seconds": ops_seconds,
-                "keygen_optional": True,  # the shim's keygen is not finished yet
-            }
-            with _served(home, secrets_dir) as address:
-                env = {**child_env(), "P11_KIT_SERVER_ADDRESS": address}
-                verdict = _run_probe(spec, env, timeout)
-            _fill(result, verdict)
-            if result.status == "ran":
-                before = verdict["private_labels"]
-                result.checks.append(_migration_check(target, home, secrets_dir, before, timeout))
+        elif target.init in (INIT_PQHSM, INIT_MODULE):
+            _served_target(result, target, work, ops_seconds, timeout)
         else:
             if target.pin_file is None or not target.pin_file.is_file():
                 result.status = "skipped"
@@ -922,6 +1092,47 @@ def write_reports(report: MatrixReport, out: Path) -> tuple[Path, Path]:
 # -- entry point -------------------------------------------------------------------------------
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run a lab: ``args`` has ``config``, ``out``, ``ops_seconds`` and ``work`` (paths).
+
+    Shared by ``pqhsm lab run`` and ``python -m hardware.matrix run``.  A config error is
+    one line on standard error and exit status 1; otherwise one summary line per token,
+    then 0 when every applicable check passed, 2 when one failed.
+    """
+    try:
+        config = LabConfig.from_toml(args.config)
+        if args.ops_seconds is not None:
+            if not 0 < args.ops_seconds <= 60:
+                raise MatrixConfigError("--ops-seconds must be in (0, 60]")
+            config = LabConfig(tokens=config.tokens, ops_seconds=args.ops_seconds)
+    except MatrixConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    try:
+        if args.work is not None:
+            args.work.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="pqhsm-matrix-", dir=args.work))  # fresh per run
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot make a work folder under {args.work}: {exc.strerror}\n")
+        return 1
+    try:
+        report = run_matrix(config, work)
+    finally:
+        if args.work is None:
+            with suppress(OSError):
+                shutil.rmtree(work)
+    try:
+        json_path, html_path = write_reports(report, args.out)
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot write the reports to {args.out}: {exc.strerror}\n")
+        return 1
+    for t in report.tokens:
+        sys.stdout.write(t.summary() + "\n")
+    sys.stdout.flush()
+    log.info("reports: %s %s", json_path, html_path)
+    return report.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m hardware.matrix run LAB.toml [--out DIR] [--ops-seconds S]``."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -940,33 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
-        config = LabConfig.from_toml(args.config)
-        if args.ops_seconds is not None:
-            if not 0 < args.ops_seconds <= 60:
-                raise MatrixConfigError("--ops-seconds must be in (0, 60]")
-            config = LabConfig(tokens=config.tokens, ops_seconds=args.ops_seconds)
-    except MatrixConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pqhsm-matrix-", dir=args.work))  # fresh per run
-    try:
-        report = run_matrix(config, work)
-    finally:
-        if args.work is None:
-            with suppress(OSError):
-                shutil.rmtree(work)
-    try:
-        json_path, html_path = write_reports(report, args.out)
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot write the reports to {args.out}: {exc.strerror}\n")
-        return 1
-    for t in report.tokens:
-        sys.stdout.write(t.summary() + "\n")
-    log.info("reports: %s %s", json_path, html_path)
-    return report.exit_code
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ that names the port — never a pyserial traceback.
 from __future__ import annotations
 
 import logging
+import queue
 import termios
 from types import TracebackType
 
@@ -92,7 +93,8 @@ class Transport:
         try:
             n = self._serial.write(data)
             self._serial.flush()
-        except serial.SerialTimeoutException as exc:
+        except (serial.SerialTimeoutException, queue.Full) as exc:
+            # queue.Full: pyserial's loop:// when nobody reads what it wrote
             raise SerialTimeout(self.port, "write timed out") from exc
         except (serial.SerialException, OSError, termios.error) as exc:
             # termios.error: pyserial's flush (tcdrain) after the far end of a pty hung up

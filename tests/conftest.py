@@ -26,7 +26,9 @@ from appliance.secret import SecretBytes
 from appliance.token.initdev import init_token
 from appliance.token.softhsm import SOFTHSM_MODULES
 
-pytest_plugins = ["pytester"]  # for testing the shipped pqhsm pytest plugin
+#: pytester tests the shipped pqhsm pytest plugin; labline (tests/labline.py) adds the
+#: hardware lab's options (--serial-port, --relay-port, ...) and their fixtures.
+pytest_plugins = ["pytester", "labline"]
 
 PIN = b"1234-test-pin"
 SO_PIN = b"5678-test-so-pin"

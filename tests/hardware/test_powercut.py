@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 from crashkit import CHECK, py
+from labline import RelayPort
 
 from hardware.lab import LabError, PowerTarget, Scenario, check_home, make_home, run_powercut
 from hardware.relay import Relay
-from hardware.relay_sim import RelaySimulator
+from hardware.relay_sim import PoweredProcess, RelaySimulator
 from hardware.transport import Transport
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.crash]
@@ -137,3 +138,24 @@ def test_full_tier_many_cuts(
     )
     assert {c.index: c.problems for c in report.cuts if c.problems} == {}
     assert sim.frames == relay.sent
+
+
+def test_power_cuts_through_the_lab_relay(
+    relay_port: RelayPort | None, template: Path, tmp_path: Path
+) -> None:
+    """``--relay-port PATH``: the same campaign through a real LCUS relay board.
+
+    The relay switches whatever the lab wired to it (a USB token's supply, the appliance
+    host's own supply through a UPS-less socket); the harness SIGKILLs the local workload at
+    the moment the OFF frame is on the wire, so every cut also lands on the appliance.
+    """
+    if relay_port is None:
+        pytest.skip("lab only: pass --relay-port PATH (the simulator tests above run in CI)")
+    scenario = replace(SCENARIO, name="lab-relay", channel=relay_port.channel, cuts=3)
+    with Transport(relay_port.port, timeout=0.5) as transport:
+        relay = Relay(transport)
+        power = PowerTarget(PoweredProcess(), simulated=False)
+        report = run_powercut(scenario, relay, power, tmp_path, template=template)
+    assert {c.index: c.problems for c in report.cuts if c.problems} == {}
+    assert report.landed == scenario.cuts
+    assert len(relay.sent) == 4 * scenario.cuts
