@@ -17,13 +17,15 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from appliance import clientpins
 from appliance.cli import get_secret, read_passphrase, read_pin
 from appliance.config import load_config, resolve_home
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from pkcs11_shim.model import Pkcs11Model
@@ -55,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_MESSAGE,
         help="largest accepted message part in bytes; larger closes the connection",
     )
+    c = p.add_argument_group(
+        "serial admin console",
+        "serve hardware/'s admin console for this same appliance (the WAL has one writer, "
+        "so a console for a running server runs inside it); set its PIN first with "
+        "`pqhsm console --set-so-pin`",
+    )
+    c.add_argument("--console-port", help="device path or pyserial URL for the console")
+    c.add_argument("--console-baud", type=int, default=115200, help="line speed, 8N1")
+    c.add_argument(
+        "--console-idle-timeout", type=float, default=300.0, help="idle logout in seconds"
+    )
+    c.add_argument("--console-backup-dir", type=Path, help="folder `backup` writes into")
     q = sub.add_parser("set-pin", help="set the PKCS#11 client PIN and clear its lockout")
     q.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
     q.add_argument("--pin-file", help="file holding the new client PIN (mode 0600)")
@@ -86,6 +100,51 @@ def set_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_console(args: argparse.Namespace, app: Appliance) -> Callable[[], None]:
+    """Serve the admin console in a thread beside the PKCS#11 server; return its stopper.
+
+    :raises ApplianceError: no officer PIN yet, a bad option, or a port that will not open
+        (one line, before anything is served).
+    """
+    from appliance.cli import import_hardware  # pyserial is needed only here
+
+    hw = import_hardware("hardware.console")
+    home = app.cfg.home
+    if args.console_baud <= 0 or args.console_idle_timeout <= 0:
+        raise ConfigError("--console-baud and --console-idle-timeout must be positive")
+    if args.console_backup_dir is not None and not args.console_backup_dir.is_dir():
+        raise ConfigError(f"--console-backup-dir {args.console_backup_dir}: not a folder")
+    if not hw.so_pin_exists(home):
+        raise ConfigError("no security officer PIN yet: run `pqhsm console --set-so-pin` first")
+
+    def reopen() -> Any:
+        return hw.Transport(args.console_port, baud=args.console_baud, timeout=0.1)
+
+    console = hw.AdminConsole(
+        app,
+        reopen(),
+        check_pin=hw.so_pin_checker(home),
+        idle_timeout=args.console_idle_timeout,
+        backup_dir=args.console_backup_dir,
+    )
+
+    def run() -> None:
+        # `exit` ends a session, not the server's console: the line waits for the next login
+        while console.serve_forever(reopen) is hw.SessionEnd.EXIT:
+            logging.getLogger(__name__).info("console session ended with `exit`")
+
+    thread = threading.Thread(target=run, name="console", daemon=True)
+    thread.start()
+    logging.getLogger(__name__).info("admin console on %s", args.console_port)
+
+    def stop() -> None:
+        console.stop()
+        thread.join(timeout=5)
+        console.transport.close()
+
+    return stop
+
+
 def serve(args: argparse.Namespace) -> int:
     """Open the appliance, serve until SIGINT/SIGTERM, close everything."""
     cfg = load_config(resolve_home(args.home))
@@ -105,7 +164,10 @@ def serve(args: argparse.Namespace) -> int:
     server = Server(
         model, Path(args.socket), idle_timeout=args.idle_timeout, max_message=args.max_message
     )
+    stop_console: Callable[[], None] | None = None
     try:
+        if args.console_port:
+            stop_console = _start_console(args, app)
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.close())
@@ -113,6 +175,8 @@ def serve(args: argparse.Namespace) -> int:
         server.wait()
     finally:
         server.close()
+        if stop_console is not None:
+            stop_console()
         model.close()
         app.close()
     return 0

@@ -23,6 +23,7 @@ nothing else.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -230,6 +231,12 @@ def split_signature(sig: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=128)
+def _reply_codes(signature: str) -> tuple[str, ...]:
+    """A reply signature's field codes, last first (replies use a few fixed ones)."""
+    return tuple(reversed(split_signature(signature)))
+
+
 class Reader:
     """Reads one request body field by field.  Every method raises only ProtocolError."""
 
@@ -417,14 +424,14 @@ class Writer:
     __slots__ = ("_codes", "_out")
 
     def __init__(self, call_id: int, signature: str) -> None:
-        self._codes = split_signature(signature)
+        self._codes = list(_reply_codes(signature))  # reversed: pop() takes the next
         sig = signature.encode("ascii")
         self._out = bytearray(_U32.pack(call_id) + _U32.pack(len(sig)) + sig)
 
     def _expect(self, code: str) -> None:
-        if not self._codes or self._codes[0] != code:
+        if not self._codes or self._codes[-1] != code:
             raise AssertionError(f"reply field {code!r} out of signature order")
-        self._codes.pop(0)
+        self._codes.pop()
 
     def _bytes(self, data: bytes | None) -> None:
         if data is None:
@@ -525,7 +532,7 @@ class Writer:
         :raises AssertionError: fields are missing (a bug in the caller).
         """
         if self._codes:
-            raise AssertionError(f"reply is missing fields {self._codes}")
+            raise AssertionError(f"reply is missing fields {self._codes[::-1]}")
         return bytes(self._out)
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,27 @@ def appliance(fresh_token: TokenSpec, app_home: Path) -> Iterator[Appliance]:
         app.close()
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a child ``pqhsm``/server: no PQHSM_* nor SOFTHSM2_CONF."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
+    }
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 20.0) -> bytes:
+    """Read a non-blocking fd (a pty master) until ``marker`` arrives; fail after ``timeout``."""
+    buf = b""
+    end = time.monotonic() + timeout
+    while marker not in buf:
+        if time.monotonic() > end:
+            raise AssertionError(f"no {marker!r} in {buf[-300:]!r}")
+        try:
+            buf += os.read(fd, 4096)
+        except BlockingIOError:
+            time.sleep(0.02)
+    return buf
+
+
 def run_cli(
     *args: str,
     home: Path | None = None,
@@ -121,8 +143,7 @@ def run_cli(
     check: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run the real ``pqhsm`` command in a child process."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PQHSM_")}
-    full_env.pop("SOFTHSM2_CONF", None)
+    full_env = child_env()
     if env:
         full_env.update(env)
     cmd = [sys.executable, "-m", "appliance"]

@@ -25,6 +25,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from p11raw import ay as _ay
+from p11raw import u32 as _u32
+from p11raw import u64 as _u64
 
 from appliance.errors import CKR
 from appliance.keys import KeyInfo, KeyState
@@ -264,18 +267,6 @@ def test_python_pkcs11_through_client(served: Served) -> None:
 CKA_CLASS, CKA_ID, CKA_VALUE, CKA_SIGN = 0x000, 0x102, 0x011, 0x108
 CKO_PRIVATE_KEY = 3
 CKM_ECDSA = 0x1041
-
-
-def _u32(v: int) -> bytes:
-    return struct.pack(">I", v)
-
-
-def _u64(v: int) -> bytes:
-    return struct.pack(">Q", v)
-
-
-def _ay(data: bytes) -> bytes:
-    return b"\x01" + _u32(len(data)) + data
 
 
 class RawClient:

@@ -26,14 +26,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from p11raw import ay as _ay
+from p11raw import u32 as _u32
+from p11raw import u64 as _u64
 from test_p11kit import (
     CLIENT_MODULE,
     RawClient,
     Served,
-    _ay,
     _private_template,
-    _u32,
-    _u64,
     _verify_raw,
 )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import tty
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from crashkit import make_base
 from appliance import clientpins
 from appliance.cli import main
 from appliance.secret import SecretBytes
+from conftest import child_env, read_until
 from hardware.console import set_so_pin
 
 PQHSM = [sys.executable, "-m", "appliance"]
@@ -27,30 +27,9 @@ OLD = [sys.executable, "-m", "hardware.console"]
 SO = b"officer-2468"
 
 
-def _env() -> dict[str, str]:
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
-    }
-
-
-def _read_until(fd: int, marker: bytes, timeout: float = 20.0) -> bytes:
-    buf = b""
-    end = time.monotonic() + timeout
-    while marker not in buf:
-        if time.monotonic() > end:
-            raise AssertionError(f"no {marker!r} in {buf[-300:]!r}")
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            time.sleep(0.02)
-            continue
-        buf += chunk
-    return buf
-
-
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, env=_env(), capture_output=True, text=True, timeout=60, check=False, cwd=cwd
+        argv, env=child_env(), capture_output=True, text=True, timeout=60, check=False, cwd=cwd
     )
 
 
@@ -65,7 +44,7 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], rc: int = 1) -> str:
 def _serve(base: list[str], port: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [*base, "--port", port, "--idle-timeout", "30", *extra],
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -95,7 +74,7 @@ def test_pqhsm_console_end_to_end_and_the_old_entry_point(tmp_path: Path) -> Non
     setp = subprocess.run(
         [*console, "--set-so-pin", "--so-pin-fd", "0"],
         input=SO + b"\n",
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         timeout=60,
         check=False,
@@ -112,25 +91,25 @@ def test_pqhsm_console_end_to_end_and_the_old_entry_point(tmp_path: Path) -> Non
     proc = _serve(console, os.ttyname(slave), "--pin-file", pin_file, "--backup-dir", str(backups))
     try:
         os.write(master, b"\r")
-        _read_until(master, b"PIN: ")
+        read_until(master, b"PIN: ")
         os.write(master, b"wrong-pin\r")
-        assert b"login incorrect" in _read_until(master, b"PIN: ")
+        assert b"login incorrect" in read_until(master, b"PIN: ")
         os.write(master, SO + b"\r")
-        _read_until(master, b"pqhsm# ")
+        read_until(master, b"pqhsm# ")
         os.write(master, b"status\r")
-        out = _read_until(master, b"pqhsm# ")
+        out = read_until(master, b"pqhsm# ")
         assert b"appliance_id" in out
         assert b"keys_total" in out
         os.write(master, b"backup\r")
-        assert b"unlock first" in _read_until(master, b"pqhsm# ")
+        assert b"unlock first" in read_until(master, b"pqhsm# ")
         os.write(master, b"unlock\r")
-        _read_until(master, b"passphrase: ")
+        read_until(master, b"passphrase: ")
         os.write(master, passphrase + b"\r")
-        out = _read_until(master, b"pqhsm# ")
+        out = read_until(master, b"pqhsm# ")
         assert b"keystore unlocked" in out
         assert passphrase not in out
         os.write(master, b"backup\r")
-        out = _read_until(master, b"pqhsm# ")
+        out = read_until(master, b"pqhsm# ")
         assert b"backup ok: id=" in out
         assert len(list(backups.glob("pqhsm-backup-*.tar.gz"))) == 1
         os.write(master, b"exit\r")
@@ -148,7 +127,7 @@ def _old_entry_point_still_serves(home: Path, secrets: Path) -> None:
     setp = subprocess.run(
         [*base, "set-so-pin", "--so-pin-fd", "0"],
         input=SO + b"\n",
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         timeout=60,
         check=False,
@@ -160,11 +139,11 @@ def _old_entry_point_still_serves(home: Path, secrets: Path) -> None:
     proc = _serve([*base, "serve"], os.ttyname(slave), "--pin-file", str(secrets / "token-pin"))
     try:
         os.write(master, b"\r")
-        _read_until(master, b"PIN: ")
+        read_until(master, b"PIN: ")
         os.write(master, SO + b"\r")
-        _read_until(master, b"pqhsm# ")
+        read_until(master, b"pqhsm# ")
         os.write(master, b"keys\r")
-        assert b"(no keys)" in _read_until(master, b"pqhsm# ")
+        assert b"(no keys)" in read_until(master, b"pqhsm# ")
         os.write(master, b"exit\r")
         assert proc.wait(timeout=20) == 0
     finally:
