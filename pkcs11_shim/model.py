@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 
 from appliance import clientpins
 from appliance.algorithms import der_oid, load_spki, parse_alg
-from appliance.errors import CKR, SignatureInvalid
+from appliance.errors import CKR, NoSuchKey, SignatureInvalid
 from appliance.keys import KeyInfo, KeyKind, KeyState
 from appliance.secret import SecretBytes, ct_equal
 from appliance.service import Appliance, composite_public_key
@@ -779,10 +779,23 @@ class Client:
     def _object_part(
         self, handle: int, *, invalid: int = CKR.OBJECT_HANDLE_INVALID
     ) -> tuple[KeyInfo, int, str]:
+        """The object behind ``handle`` if the client may see it now (as in
+        :meth:`_visible_parts`), found without walking every key: a handle exists only
+        for an object once seen, and stays valid while its key still has that part."""
+        ref = self._objects.get(handle)
+        if ref is None:
+            raise CkrError(invalid)
+        key_id, cls, part = ref
+        if cls == CKO_PRIVATE_KEY and not self.logged_in:
+            raise CkrError(invalid)
         try:
-            return self._visible_parts()[handle]
-        except KeyError:
+            key = self.model.app.key(key_id)
+        except NoSuchKey:
             raise CkrError(invalid) from None
+        parts = ext_parts(key) if self.extended else ([CLASSICAL] if _ecdsa_key(key) else [])
+        if part not in parts:
+            raise CkrError(invalid)
+        return key, cls, part
 
     def _object(
         self, handle: int, *, invalid: int = CKR.OBJECT_HANDLE_INVALID

@@ -39,13 +39,14 @@ from p11raw import ay as _ay
 from p11raw import u32 as _u32
 from p11raw import u64 as _u64
 
-from appliance.keys import KeyInfo
+from appliance.errors import CKR
+from appliance.keys import KeyInfo, KeyState
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from conftest import PIN
 from pkcs11_shim.dispatch import CALLS
-from pkcs11_shim.model import SLOT_ID, Pkcs11Model
-from pkcs11_shim.rpc import HANDSHAKE, Reader, request_body
+from pkcs11_shim.model import SLOT_ID, CkrError, Client, Pkcs11Model
+from pkcs11_shim.rpc import HANDSHAKE, Mechanism, Reader, request_body
 from pkcs11_shim.server import Server
 
 pytestmark = [pytest.mark.conformance, pytest.mark.softhsm]
@@ -420,3 +421,41 @@ def test_long_calls_run_beside_short_ones(live: Live) -> None:
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
+
+
+# -- handles resolve without walking the keystore ----------------------------------------------
+
+
+def test_signing_with_a_handle_does_not_walk_every_key(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C_SignInit/C_GetAttributeValue find the object by handle (O(1) in the key count),
+    and still see a key's state change: after PQC_ONLY the stale handle is invalid."""
+    c = Client(live.server.model)
+    c.initialize(HANDSHAKE)
+    s = c.open_session(SLOT_ID, 0x6)
+    c.login(s, 1, PIN)
+    c.find_init(s, [])
+    handles = c.find(s, 64)
+    c.find_final(s)
+    private = [h for h in handles if c._objects[h][1] == CKO_PRIVATE_KEY]
+    assert len(private) == 1
+
+    def walked() -> list[KeyInfo]:
+        raise AssertionError("walked every key of the keystore")
+
+    real_keys = live.app.keys
+    monkeypatch.setattr(live.app, "keys", walked)
+    digest = os.urandom(32)
+    c.sign_init(s, Mechanism(CKM_ECDSA), private[0])
+    _check_signature(live.key, digest, c.sign(s, digest))
+    attrs, rv = c.get_attributes(s, private[0], [(CKA_LABEL, 64)])
+    assert rv == 0
+    assert attrs[0].value == b"live-p256"
+    monkeypatch.setattr(live.app, "keys", real_keys)
+    live.app.migrate(live.key, KeyState.HYBRID)
+    live.app.migrate(live.app.key(live.key.key_id), KeyState.PQC_ONLY)
+    monkeypatch.setattr(live.app, "keys", walked)
+    with pytest.raises(CkrError) as err:
+        c.sign_init(s, Mechanism(CKM_ECDSA), private[0])
+    assert err.value.rv == CKR.KEY_HANDLE_INVALID
