@@ -11,7 +11,9 @@ on an embedded SoftHSM2 token serves its PKCS#11 server (``python -m pkcs11_shim
   load the project's own module (libpqhsm-pkcs11.so, built here from ``pkcs11_shim/c``).
   Target: 2 clients >= 1.8x one client (the server signs on both cores).
 
-Prints signs/s and p50/p99 latency per setup.  Every process signs the whole time; on a
+Setups alternate in four windows each (SECONDS in all per setup), so load from elsewhere
+on a shared machine hits all of them alike.  Prints signs/s and p50/p99 latency per setup.
+Every process signs the whole time; on a
 2-core machine the clients compete with the server for the CPU, as they would on a real
 host running its own applications.
 """
@@ -28,6 +30,8 @@ import time
 from pathlib import Path
 
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+#: Each setup runs in this many alternating windows of SECONDS / ROUNDS.
+ROUNDS = 4
 
 WORKER = r"""
 import json, os, sys, time, hashlib
@@ -181,24 +185,33 @@ def main() -> int:
             )
             if Path(m).is_file()
         )
-        base_lat = run_clients(1, softhsm, direct_env, "bench", pin, seconds)
-        base = len(base_lat) / seconds
-        rows = [summary("python-pkcs11 direct on SoftHSM2, 1 process", base_lat, seconds, None)]
-        ml_rows: list[str] = []
         client_env = {**env, "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"}
-        for n in (1, 8):
-            lat = run_clients(n, CLIENT, client_env, "bench", pin, seconds)
-            rows.append(summary(f"via p11-kit-client.so, {n} process(es)", lat, seconds, base))
         module_env = {**env, "PQHSM_SERVER_ADDRESS": f"unix:path={sock}"}
-        one: float | None = None
-        for n in (1, 2):
-            lat = run_clients(
-                n, str(own_module), module_env, "bench-mldsa", pin, seconds, MLDSA_WORKER
-            )
-            ml_rows.append(
-                summary(f"ML-DSA-87 via libpqhsm-pkcs11.so, {n} process(es)", lat, seconds, one)
-            )
-            one = one or len(lat) / seconds
+        # Setups alternate in ROUNDS short windows, so that load from elsewhere on a
+        # shared machine (and hedged ML-DSA's varying cost) hits every setup alike.
+        window = seconds / ROUNDS
+        setups: list[tuple[str, int, str, dict[str, str], str, str]] = [
+            ("direct", 1, softhsm, direct_env, "bench", WORKER),
+            ("p11kit-1", 1, CLIENT, client_env, "bench", WORKER),
+            ("p11kit-8", 8, CLIENT, client_env, "bench", WORKER),
+            ("mldsa-1", 1, str(own_module), module_env, "bench-mldsa", MLDSA_WORKER),
+            ("mldsa-2", 2, str(own_module), module_env, "bench-mldsa", MLDSA_WORKER),
+        ]
+        lat: dict[str, list[float]] = {name: [] for name, *_ in setups}
+        for _ in range(ROUNDS):
+            for name, n, module, cenv, label, worker in setups:
+                lat[name] += run_clients(n, module, cenv, label, pin, window, worker)
+        base = len(lat["direct"]) / seconds
+        rows = [
+            summary("python-pkcs11 direct on SoftHSM2, 1 process", lat["direct"], seconds, None),
+            summary("via p11-kit-client.so, 1 process", lat["p11kit-1"], seconds, base),
+            summary("via p11-kit-client.so, 8 processes", lat["p11kit-8"], seconds, base),
+        ]
+        one = len(lat["mldsa-1"]) / seconds
+        ml_rows = [
+            summary("ML-DSA-87 via libpqhsm-pkcs11.so, 1 process", lat["mldsa-1"], seconds, None),
+            summary("ML-DSA-87 via libpqhsm-pkcs11.so, 2 processes", lat["mldsa-2"], seconds, one),
+        ]
     finally:
         server.terminate()
         server.wait(timeout=15)
