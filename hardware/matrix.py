@@ -25,8 +25,8 @@ is missing is *skipped* with that reason, not an error.
 
 Each target is probed in a child process (``python -m hardware.matrix _probe``, spec on
 stdin, JSON verdict on stdout): python-pkcs11 caches modules per path, SoftHSM2 reads
-``SOFTHSM2_CONF`` once, and a python-pkcs11 client in the server's process would deadlock
-on the GIL.  The probe lists the mechanisms (``C_GetMechanismList`` + info flags), then per
+``SOFTHSM2_CONF`` once, and each token is timed as an application of its own would see
+it.  The probe lists the mechanisms (``C_GetMechanismList`` + info flags), then per
 algorithm (:data:`ALGORITHMS`: EC P-256, EC P-384, Ed25519, Ed448, ML-DSA-87): keygen where
 the mechanism exists (otherwise "unsupported", and an existing key of that kind is used if
 the token has one), sign and verify independently with ``cryptography`` from the public

@@ -235,8 +235,9 @@ with token.open(user_pin=os.environ["TEST_PIN"]) as session:
 def test_python_pkcs11_through_client(served: Served) -> None:
     """python-pkcs11 (asks the size first, then signs) through p11-kit-client.so.
 
-    It runs in a child process: python-pkcs11 keeps the GIL during C calls, so a client
-    in this process would deadlock against the server thread.
+    It runs in a child process, as a real application does: the test process already holds
+    SoftHSM2 through python-pkcs11 for the appliance, and the client's module state stays
+    apart from it.
     """
     keys = [served.p256, served.p384]
     ids = [k.cka_id.hex() for k in keys if k.cka_id is not None]
