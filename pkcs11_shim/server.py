@@ -348,9 +348,12 @@ class Server:
                 conn.busy = True
                 self._rearm(conn)
                 pool = self._pool
-                if pool is None:
-                    return
-                pool.submit(self._long_call, conn, code, body)
+                try:
+                    if pool is None:
+                        raise RuntimeError("no worker pool")
+                    pool.submit(self._long_call, conn, code, body)
+                except RuntimeError:  # the server is closing: this client is done
+                    self._drop(conn)
                 return
             self._send(conn, encode_frame(code, dispatch(conn.client, body)))
 
