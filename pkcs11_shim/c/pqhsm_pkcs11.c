@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -330,13 +331,74 @@ static int recv_all(int fd, void *p, size_t n)
     return 0;
 }
 
-static int parse_address(struct sockaddr_un *sa)
+/*
+ * Settings from the module's configuration file, for applications that cannot set
+ * environment variables (browsers, Java, daemons): $PQHSM_PKCS11_CONF, else
+ * /etc/pqhsm/pkcs11.conf.  Lines are "key = value"; '#' starts a comment; unknown keys
+ * and malformed or over-long lines are ignored.  Keys: "server" (the address, as in
+ * PQHSM_SERVER_ADDRESS) and "extension" ("on" or "off", as PQHSM_EXTENSION).
+ */
+#define CONF_DEFAULT "/etc/pqhsm/pkcs11.conf"
+#define CONF_LINE 1024
+
+typedef struct {
+    char server[CONF_LINE];
+    int extension_off; /* -1: not set */
+} conf_t;
+
+static char *trim(char *p)
+{
+    while (*p == ' ' || *p == '\t')
+        p++;
+    size_t n = strlen(p);
+    while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\t' || p[n - 1] == '\n' || p[n - 1] == '\r'))
+        p[--n] = '\0';
+    return p;
+}
+
+static void read_conf(conf_t *conf)
+{
+    memset(conf, 0, sizeof(*conf));
+    conf->extension_off = -1;
+    const char *path = getenv("PQHSM_PKCS11_CONF");
+    if (path == NULL || *path == '\0')
+        path = CONF_DEFAULT;
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return;
+    char line[CONF_LINE];
+    int skipping = 0; /* inside an over-long line: drop it to its end */
+    while (fgets(line, sizeof(line), f) != NULL) {
+        size_t n = strlen(line);
+        int whole = n > 0 && line[n - 1] == '\n';
+        if (skipping || (!whole && !feof(f))) {
+            skipping = !whole;
+            continue;
+        }
+        char *p = trim(line);
+        if (*p == '#' || *p == '\0')
+            continue;
+        char *eq = strchr(p, '=');
+        if (eq == NULL)
+            continue;
+        *eq = '\0';
+        char *key = trim(p);
+        char *value = trim(eq + 1);
+        if (strcmp(key, "server") == 0 && strlen(value) < sizeof(conf->server))
+            memcpy(conf->server, value, strlen(value) + 1);
+        else if (strcmp(key, "extension") == 0)
+            conf->extension_off = strcmp(value, "off") == 0;
+    }
+    fclose(f);
+}
+
+static int parse_address(struct sockaddr_un *sa, const conf_t *conf)
 {
     const char *addr = getenv("PQHSM_SERVER_ADDRESS");
     if (addr == NULL || *addr == '\0')
         addr = getenv("P11_KIT_SERVER_ADDRESS");
-    if (addr == NULL)
-        return -1;
+    if (addr == NULL || *addr == '\0')
+        addr = conf->server;
     static const char prefix[] = "unix:path=";
     if (strncmp(addr, prefix, sizeof(prefix) - 1) != 0)
         return -1;
@@ -356,7 +418,9 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
 static CK_RV connect_server(void)
 {
     struct sockaddr_un sa;
-    if (parse_address(&sa) < 0)
+    conf_t conf;
+    read_conf(&conf);
+    if (parse_address(&sa, &conf) < 0)
         return CKR_DEVICE_ERROR;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
@@ -368,10 +432,12 @@ static CK_RV connect_server(void)
      * Offer the pqhsm extension; a plain p11-kit server answers 0 (version 0 only).
      * PQHSM_EXTENSION=off offers version 0: the connection then shows exactly what
      * p11-kit-client.so shows (for clients such as libp11 0.4.12 that stop enumerating
-     * keys at the first key type they do not know).
+     * keys at the first key type they do not know); so does "extension = off" in the
+     * configuration file when the variable is not set.
      */
     const char *ext = getenv("PQHSM_EXTENSION");
-    uint8_t version = (ext != NULL && strcmp(ext, "off") == 0) ? 0 : EXTENSION_VERSION;
+    int off = (ext != NULL && *ext != '\0') ? strcmp(ext, "off") == 0 : conf.extension_off == 1;
+    uint8_t version = off ? 0 : EXTENSION_VERSION;
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || send_all(fd, &version, 1) < 0 ||
         recv_all(fd, &version, 1) < 0 || (version != 0 && version != EXTENSION_VERSION)) {
         close(fd);

@@ -341,6 +341,75 @@ def test_init_fork_and_reconnect(served: Served, module_path: Path) -> None:
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
+# -- the configuration file (applications that cannot set environment variables) -----------
+
+
+def _conf_env(served: Served, conf: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in served.env.items()
+        if k not in ("PQHSM_SERVER_ADDRESS", "P11_KIT_SERVER_ADDRESS", "PQHSM_EXTENSION")
+    }
+    env["PQHSM_PKCS11_CONF"] = str(conf)
+    return env
+
+
+def test_config_file_finds_the_server(served: Served, tmp_path: Path) -> None:
+    conf = tmp_path / "pkcs11.conf"
+    conf.write_text(f"# pqhsm module\n  server = {served.server.address}  \n")
+    r = run_tool(served.module, _conf_env(served, conf), "-L")
+    assert r.returncode == 0, r.stderr
+    assert b"pqhsm" in r.stdout
+    # the extension is on by default; "extension = off" shows what p11-kit-client shows
+    mechs = run_tool(served.module, _conf_env(served, conf), "-M")
+    assert b"ECDSA-SHA256" in mechs.stdout, mechs.stdout
+    conf.write_text(f"server={served.server.address}\nextension = off\n")
+    mechs = run_tool(served.module, _conf_env(served, conf), "-M")
+    assert mechs.returncode == 0, mechs.stderr
+    assert b"ECDSA-SHA256" not in mechs.stdout
+    assert b"ECDSA" in mechs.stdout
+
+
+def test_environment_wins_over_the_config_file(served: Served, tmp_path: Path) -> None:
+    conf = tmp_path / "pkcs11.conf"
+    conf.write_text("server = unix:path=/nonexistent/p11.sock\n")
+    env = {**_conf_env(served, conf), "PQHSM_SERVER_ADDRESS": served.server.address}
+    r = run_tool(served.module, env, "-L")
+    assert r.returncode == 0, r.stderr
+    r = run_tool(served.module, _conf_env(served, conf), "-L")
+    assert r.returncode != 0  # only the config file's dead address is left
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\xff\xfe garbage \x01\n" * 50,
+        b"server = " + b"x" * 5000 + b"\n",
+        b"x" * 3000,  # one over-long line and no newline at all
+        b"server unix:path=/tmp/no-equals-sign\n",
+        b"server = relative/path.sock\n",
+        b"server = unix:path=/" + b"d" * 200 + b"\n",  # longer than sun_path
+        b"",
+    ],
+)
+def test_bad_config_files_are_a_clean_error(
+    served: Served, tmp_path: Path, flavour: Flavour, content: bytes
+) -> None:
+    conf = tmp_path / "pkcs11.conf"
+    conf.write_bytes(content)
+    r = run_tool(flavour.module, {**_conf_env(served, conf), **flavour.env}, "-L")
+    flavour.check(r)
+    assert r.returncode == 1, r.stderr
+    assert b"C_Initialize failed: rv = CKR_DEVICE_ERROR" in r.stderr, r.stderr
+
+
+def test_over_long_line_does_not_hide_the_next(served: Served, tmp_path: Path) -> None:
+    conf = tmp_path / "pkcs11.conf"
+    conf.write_bytes(b"# " + b"y" * 4000 + b"\n" + f"server = {served.server.address}\n".encode())
+    r = run_tool(served.module, _conf_env(served, conf), "-L")
+    assert r.returncode == 0, r.stderr
+
+
 def test_server_down_is_a_clean_error(served: Served, tmp_path: Path) -> None:
     sockdir = _short_socket_dir()
     model = Pkcs11Model(served.app, client_pin=SecretBytes(PIN))
