@@ -874,6 +874,13 @@ def cmd_console(args: argparse.Namespace, cfg: Config) -> int:
     return rc
 
 
+def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    from pkcs11_shim.__main__ import serve  # the front end loads only for this command
+
+    rc: int = serve(args)
+    return rc
+
+
 def cmd_lab_run(args: argparse.Namespace, cfg: Config) -> int:
     rc: int = import_hardware("hardware.matrix").run_command(args)
     return rc
@@ -1107,6 +1114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("create", cmd_recovery_key_create, "make an ML-KEM-1024 recovery keypair", rk)
     p.add_argument("--out", required=True, help="folder for recovery-key.seed and recovery-key.pub")
     _secret_args(p)
+
+    # The PKCS#11 server (also `pqhsm-serve serve` / `python -m pkcs11_shim serve`).
+    from pkcs11_shim.__main__ import add_serve_arguments
+
+    p = cmd(
+        "serve",
+        cmd_serve,
+        "serve the appliance to PKCS#11 clients on a Unix socket (foreground; SIGTERM stops)",
+    )
+    add_serve_arguments(p)
 
     # The hardware lab's commands: their options are declared here so that `pqhsm --help`
     # works without pyserial; the code runs from hardware/ only when the command does.

@@ -33,12 +33,8 @@ from pkcs11_shim.rpc import MAX_MESSAGE
 from pkcs11_shim.server import DEFAULT_IDLE_TIMEOUT, Server
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pkcs11_shim")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve the appliance over the p11-kit RPC protocol")
-    p.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``serve`` (also ``pqhsm serve``; the caller adds ``--home``)."""
     p.add_argument("--socket", required=True, help="Unix socket path (its directory: 0700)")
     p.add_argument("--pin-file", help="file holding the token PIN (mode 0600)")
     p.add_argument("--pin-fd", type=int, help="read the token PIN from this file descriptor")
@@ -69,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--console-idle-timeout", type=float, default=300.0, help="idle logout in seconds"
     )
     c.add_argument("--console-backup-dir", type=Path, help="folder `backup` writes into")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pkcs11_shim")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve the appliance over the p11-kit RPC protocol")
+    p.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
+    add_serve_arguments(p)
     q = sub.add_parser("set-pin", help="set the PKCS#11 client PIN and clear its lockout")
     q.add_argument("--home", help="state directory (default $PQHSM_HOME or ./var/pqhsm)")
     q.add_argument("--pin-file", help="file holding the new client PIN (mode 0600)")

@@ -447,8 +447,17 @@ def test_raw_handles_invalid_after_migration(served: Served, raw: RawClient) -> 
     assert other != key
 
 
-def test_serve_entry_point(tmp_path: Path) -> None:
-    """``python -m pkcs11_shim serve`` reads the PIN like ``pqhsm`` and stops on SIGTERM."""
+@pytest.mark.parametrize(
+    "entry",
+    [
+        [sys.executable, "-m", "pkcs11_shim", "serve", "--home", "{home}"],
+        [sys.executable, "-m", "appliance", "--home", "{home}", "serve"],
+    ],
+    ids=["python-m-pkcs11_shim", "pqhsm-serve"],
+)
+def test_serve_entry_point(tmp_path: Path, entry: list[str]) -> None:
+    """``pqhsm serve`` and ``python -m pkcs11_shim serve`` read the PIN like ``pqhsm`` and
+    stop on SIGTERM."""
     home = tmp_path / "pqhsm"
     init = run_cli(
         "init",
@@ -472,7 +481,7 @@ def test_serve_entry_point(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PQHSM_")}
     env.pop("SOFTHSM2_CONF", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pkcs11_shim", "serve", "--home", str(home), "--socket", str(sock)],
+        [*(a.replace("{home}", str(home)) for a in entry), "--socket", str(sock)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
