@@ -60,10 +60,15 @@ enum {
     CALL_GetSessionInfo = 13,
     CALL_Login = 18,
     CALL_Logout = 19,
+    CALL_DestroyObject = 22,
     CALL_GetAttributeValue = 24,
     CALL_FindObjectsInit = 26,
     CALL_FindObjects = 27,
     CALL_FindObjectsFinal = 28,
+    CALL_DigestInit = 37,
+    CALL_Digest = 38,
+    CALL_DigestUpdate = 39,
+    CALL_DigestFinal = 41,
     CALL_SignInit = 42,
     CALL_Sign = 43,
     CALL_SignUpdate = 44,
@@ -72,6 +77,7 @@ enum {
     CALL_Verify = 49,
     CALL_VerifyUpdate = 50,
     CALL_VerifyFinal = 51,
+    CALL_GenerateKeyPair = 59,
     CALL_GenerateRandom = 64,
 };
 
@@ -1457,6 +1463,132 @@ CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_UL
     LEAVE(rv);
 }
 
+/* ------------------------------------------- digests, key pairs, destroy -- */
+
+CK_RV C_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism)
+{
+    if (pMechanism == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (pMechanism->mechanism > 0xffffffffUL)
+        return CKR_MECHANISM_INVALID;
+    if (pMechanism->pParameter != NULL || pMechanism->ulParameterLen != 0)
+        return CKR_MECHANISM_PARAM_INVALID; /* SHA-2 digests take no parameter */
+    ENTER();
+    wbuf w;
+    w_begin(&w, CALL_DigestInit, "uM");
+    w_u64(&w, hSession);
+    w_u32(&w, (uint32_t)pMechanism->mechanism);
+    w_bytes(&w, NULL, 0);
+    LEAVE(simple_call(&w, CALL_DigestInit));
+}
+
+CK_RV C_Digest(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+               CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen)
+{
+    if ((pData == NULL && ulDataLen != 0) || pulDigestLen == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (ulDataLen >= MAX_MESSAGE)
+        return CKR_DATA_LEN_RANGE;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    static const CK_BYTE empty[1] = {0};
+    w_begin(&w, CALL_Digest, "uayfy");
+    w_u64(&w, hSession);
+    w_ay(&w, pData ? pData : empty, ulDataLen);
+    w_fbuf(&w, pDigest, *pulDigestLen);
+    CK_RV rv = transact(&w, CALL_Digest, "ay", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_byte_out(&r, pDigest, pulDigestLen);
+    LEAVE(finish(&r, rv));
+}
+
+CK_RV C_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
+{
+    return update_call(CALL_DigestUpdate, hSession, pPart, ulPartLen);
+}
+
+CK_RV C_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen)
+{
+    if (pulDigestLen == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_DigestFinal, "ufy");
+    w_u64(&w, hSession);
+    w_fbuf(&w, pDigest, *pulDigestLen);
+    CK_RV rv = transact(&w, CALL_DigestFinal, "ay", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_byte_out(&r, pDigest, pulDigestLen);
+    LEAVE(finish(&r, rv));
+}
+
+static CK_RV write_template(wbuf *w, const CK_ATTRIBUTE *t, CK_ULONG n)
+{
+    w_u32(w, (uint32_t)n);
+    for (CK_ULONG i = 0; i < n; i++) {
+        CK_RV rv = write_attribute(w, &t[i]);
+        if (rv != CKR_OK)
+            return rv;
+    }
+    return CKR_OK;
+}
+
+CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                        CK_ATTRIBUTE_PTR pPublicKeyTemplate, CK_ULONG ulPublicKeyAttributeCount,
+                        CK_ATTRIBUTE_PTR pPrivateKeyTemplate,
+                        CK_ULONG ulPrivateKeyAttributeCount, CK_OBJECT_HANDLE_PTR phPublicKey,
+                        CK_OBJECT_HANDLE_PTR phPrivateKey)
+{
+    if (pMechanism == NULL || phPublicKey == NULL || phPrivateKey == NULL ||
+        (pPublicKeyTemplate == NULL && ulPublicKeyAttributeCount != 0) ||
+        (pPrivateKeyTemplate == NULL && ulPrivateKeyAttributeCount != 0) ||
+        ulPublicKeyAttributeCount > MAX_ARRAY || ulPrivateKeyAttributeCount > MAX_ARRAY)
+        return CKR_ARGUMENTS_BAD;
+    if (pMechanism->mechanism > 0xffffffffUL)
+        return CKR_MECHANISM_INVALID;
+    if (pMechanism->pParameter != NULL || pMechanism->ulParameterLen != 0)
+        return CKR_MECHANISM_PARAM_INVALID; /* the key-pair generators take none */
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, CALL_GenerateKeyPair, "uMaAaA");
+    w_u64(&w, hSession);
+    w_u32(&w, (uint32_t)pMechanism->mechanism);
+    w_bytes(&w, NULL, 0);
+    CK_RV rv = write_template(&w, pPublicKeyTemplate, ulPublicKeyAttributeCount);
+    if (rv == CKR_OK)
+        rv = write_template(&w, pPrivateKeyTemplate, ulPrivateKeyAttributeCount);
+    if (rv != CKR_OK) {
+        free(w.data);
+        LEAVE(rv);
+    }
+    rv = transact(&w, CALL_GenerateKeyPair, "uu", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_OBJECT_HANDLE pub = r_ulong(&r);
+    CK_OBJECT_HANDLE priv = r_ulong(&r);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK) {
+        *phPublicKey = pub;
+        *phPrivateKey = priv;
+    }
+    LEAVE(rv);
+}
+
+CK_RV C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
+{
+    ENTER();
+    wbuf w;
+    w_begin(&w, CALL_DestroyObject, "uu");
+    w_u64(&w, hSession);
+    w_u64(&w, hObject);
+    LEAVE(simple_call(&w, CALL_DestroyObject));
+}
+
 /* --------------------------------------------------- unsupported + the table -- */
 
 /*
@@ -1498,6 +1630,12 @@ CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_UL
 #define IMPL_C_VerifyUpdate PROBE_
 #define IMPL_C_VerifyFinal PROBE_
 #define IMPL_C_GenerateRandom PROBE_
+#define IMPL_C_DigestInit PROBE_
+#define IMPL_C_Digest PROBE_
+#define IMPL_C_DigestUpdate PROBE_
+#define IMPL_C_DigestFinal PROBE_
+#define IMPL_C_GenerateKeyPair PROBE_
+#define IMPL_C_DestroyObject PROBE_
 
 #define STUB_1(name, params)
 #define STUB_0(name, params) \
