@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -290,6 +291,21 @@ def cka_id_of(key: KeyInfo) -> bytes:
         return bytes.fromhex(key.key_id)
     except ValueError:
         return key.key_id.encode("utf-8")
+
+
+def _key_filter(template: list[Attribute]) -> Callable[[KeyInfo], bool] | None:
+    """A cheap pre-filter for C_FindObjectsInit: a template naming CKA_ID or CKA_LABEL
+    (as python-pkcs11's get_key and pkcs11: URIs do) can only match that key's objects,
+    so only those get their attributes built.  Never excludes a real match: every object
+    carries its key's CKA_ID and CKA_LABEL (``_common``); the full template check follows.
+    """
+    ids = {a.value for a in template if a.type == CKA_ID}
+    labels = {a.value for a in template if a.type == CKA_LABEL}
+    if not ids and not labels:
+        return None
+    return lambda k: (
+        (not ids or cka_id_of(k) in ids) and (not labels or k.label.encode("utf-8") in labels)
+    )
 
 
 def ext_parts(key: KeyInfo) -> list[str]:
@@ -748,14 +764,20 @@ class Client:
 
     # -- objects -------------------------------------------------------------------------
 
-    def _visible_parts(self) -> dict[int, tuple[KeyInfo, int, str]]:
-        """Handle -> (key, class, part) for every object the client may see now."""
+    def _visible_parts(
+        self, wanted: Callable[[KeyInfo], bool] | None = None
+    ) -> dict[int, tuple[KeyInfo, int, str]]:
+        """Handle -> (key, class, part) for every object the client may see now (of the
+        keys ``wanted`` accepts, when given)."""
         out: dict[int, tuple[KeyInfo, int, str]] = {}
         classes = [CKO_PUBLIC_KEY, CKO_PRIVATE_KEY] if self.logged_in else [CKO_PUBLIC_KEY]
+        candidates = self.model.app.keys() if self.extended else self.model.ecdsa_keys()
+        if wanted is not None:
+            candidates = [k for k in candidates if wanted(k)]
         if self.extended:
-            keys = [(k, p) for k in self.model.app.keys() for p in ext_parts(k)]
+            keys = [(k, p) for k in candidates for p in ext_parts(k)]
         else:
-            keys = [(k, CLASSICAL) for k in self.model.ecdsa_keys()]
+            keys = [(k, CLASSICAL) for k in candidates]
         for key, part in keys:
             for cls in classes:
                 ref = (key.key_id, cls, part)
@@ -808,7 +830,7 @@ class Client:
         if s.found is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
         found: list[int] = []
-        for h, (key, cls, part) in sorted(self._visible_parts().items()):
+        for h, (key, cls, part) in sorted(self._visible_parts(_key_filter(template)).items()):
             attrs = self._attributes(key, cls, part)
             if all(a.type in attrs and attrs[a.type] == a.value for a in template):
                 found.append(h)

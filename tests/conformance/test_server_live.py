@@ -44,9 +44,10 @@ from appliance.keys import KeyInfo, KeyState
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from conftest import PIN
+from pkcs11_shim import model as model_module
 from pkcs11_shim.dispatch import CALLS
 from pkcs11_shim.model import SLOT_ID, CkrError, Client, Pkcs11Model
-from pkcs11_shim.rpc import HANDSHAKE, Mechanism, Reader, request_body
+from pkcs11_shim.rpc import HANDSHAKE, Attribute, AttrValue, Mechanism, Reader, request_body
 from pkcs11_shim.server import Server
 
 pytestmark = [pytest.mark.conformance, pytest.mark.softhsm]
@@ -459,3 +460,41 @@ def test_signing_with_a_handle_does_not_walk_every_key(
     with pytest.raises(CkrError) as err:
         c.sign_init(s, Mechanism(CKM_ECDSA), private[0])
     assert err.value.rv == CKR.KEY_HANDLE_INVALID
+
+
+def test_find_by_id_or_label_builds_only_that_keys_objects(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C_FindObjectsInit with CKA_ID/CKA_LABEL (python-pkcs11's get_key, pkcs11: URIs)
+    builds attributes for the named key's objects only, not for every key."""
+    others = [live.app.create_key("ecdsa-p256", f"other-{i}") for i in range(12)]
+    c = Client(live.server.model)
+    c.initialize(HANDSHAKE)
+    s = c.open_session(SLOT_ID, 0x6)
+    c.login(s, 1, PIN)
+    built: list[str] = []
+    real = model_module.object_attributes
+
+    def counting(key: KeyInfo, cls: int) -> dict[int, AttrValue]:
+        built.append(key.label)
+        return real(key, cls)
+
+    monkeypatch.setattr(model_module, "object_attributes", counting)
+    target = others[7]
+    assert target.cka_id is not None
+    for template in (
+        [Attribute(CKA_ID, target.cka_id)],
+        [Attribute(CKA_LABEL, target.label.encode())],
+        [Attribute(CKA_CLASS, CKO_PRIVATE_KEY), Attribute(CKA_ID, target.cka_id)],
+    ):
+        built.clear()
+        c.find_init(s, template)
+        found = c.find(s, 16)
+        c.find_final(s)
+        assert set(built) == {target.label}, built
+        assert len(found) == (1 if len(template) == 2 else 2)
+    built.clear()
+    c.find_init(s, [Attribute(CKA_CLASS, CKO_PRIVATE_KEY)])
+    assert len(c.find(s, 64)) == 1 + len(others)
+    c.find_final(s)
+    assert len(set(built)) == 1 + len(others)  # no name: every key is looked at
