@@ -43,6 +43,9 @@ import weakref
 from typing import Any, Final, NoReturn
 
 from appliance.errors import CallerError, ConfigError, DeviceError, SignatureInvalid
+from appliance.pqc import _buf, _secret_view
+from appliance.pqc import _check_context as _context
+from appliance.pqc import _check_len as _exact
 from appliance.secret import BytesLike, SecretBytes, ct_equal
 
 __all__ = ["LiboqsBackend", "LiboqsUnusable", "load_liboqs", "tried"]
@@ -57,7 +60,6 @@ _KEM_EK: Final = 1568
 _KEM_DK: Final = 3168
 _KEM_CT: Final = 1568
 _KEM_SS: Final = 32
-_MAX_CONTEXT: Final = 255
 
 _SIG_NAME: Final = b"ML-DSA-87"
 _KEM_NAME: Final = b"ML-KEM-1024"
@@ -143,38 +145,12 @@ def _check_rng(what: str) -> None:
         raise DeviceError(f"liboqs {what}: the random source failed; result discarded")
 
 
-# -- input helpers (same rules as appliance.pqc) ---------------------------------------------
-
-
-def _buf(what: str, value: object) -> bytes:
-    try:
-        return memoryview(value).tobytes()  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{what} must be bytes-like, not {type(value).__name__}") from None
-
-
-def _context(context: object) -> bytes:
-    ctx = _buf("context", context)
-    if len(ctx) > _MAX_CONTEXT:
-        raise CallerError(f"ML-DSA context is {len(ctx)} bytes; at most {_MAX_CONTEXT}")
-    return ctx
-
-
-def _exact(what: str, value: object, n: int) -> bytes:
-    data = _buf(what, value)
-    if len(data) != n:
-        raise CallerError(f"{what} must be {n} bytes, got {len(data)}")
-    return data
+# -- input helpers: the same rules as appliance.pqc, from there --------------------------
 
 
 def _secret_copy(what: str, value: object, n: int) -> ctypes.Array[ctypes.c_ubyte]:
     """Copy a secret input into a ctypes scratch buffer (the caller memsets it)."""
-    try:
-        view = memoryview(value).cast("B")  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{what} must be bytes-like, not {type(value).__name__}") from None
-    if view.nbytes != n:
-        raise CallerError(f"{what} must be {n} bytes, got {view.nbytes}")
+    view = _secret_view(what, value, n)
     scratch = (ctypes.c_ubyte * n)()
     memoryview(scratch).cast("B")[:] = view
     return scratch

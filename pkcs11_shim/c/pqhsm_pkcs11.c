@@ -1315,10 +1315,14 @@ CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJ
     return operation_init(CALL_SignInit, hSession, pMechanism, hKey);
 }
 
-CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
-             CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)
+/*
+ * C_Sign and C_Digest ("uayfy" -> "ay"): data in, bytes out, with PKCS#11's size query
+ * (NULL output) and short-buffer rules decided by the server.
+ */
+static CK_RV data_out_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData,
+                           CK_ULONG ulDataLen, CK_BYTE_PTR pOut, CK_ULONG_PTR pulOutLen)
 {
-    if ((pData == NULL && ulDataLen != 0) || pulSignatureLen == NULL)
+    if ((pData == NULL && ulDataLen != 0) || pulOutLen == NULL)
         return CKR_ARGUMENTS_BAD;
     if (ulDataLen >= MAX_MESSAGE)
         return CKR_DATA_LEN_RANGE;
@@ -1326,15 +1330,40 @@ CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
     wbuf w;
     rbuf r;
     static const CK_BYTE empty[1] = {0};
-    w_begin(&w, CALL_Sign, "uayfy");
+    w_begin(&w, call_id, "uayfy");
     w_u64(&w, hSession);
     w_ay(&w, pData ? pData : empty, ulDataLen);
-    w_fbuf(&w, pSignature, *pulSignatureLen);
-    CK_RV rv = transact(&w, CALL_Sign, "ay", &r);
+    w_fbuf(&w, pOut, *pulOutLen);
+    CK_RV rv = transact(&w, call_id, "ay", &r);
     if (rv != CKR_OK)
         LEAVE(rv);
-    rv = read_byte_out(&r, pSignature, pulSignatureLen);
+    rv = read_byte_out(&r, pOut, pulOutLen);
     LEAVE(finish(&r, rv));
+}
+
+/* C_SignFinal and C_DigestFinal ("ufy" -> "ay"), the same output rules. */
+static CK_RV final_out_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOut,
+                            CK_ULONG_PTR pulOutLen)
+{
+    if (pulOutLen == NULL)
+        return CKR_ARGUMENTS_BAD;
+    ENTER();
+    wbuf w;
+    rbuf r;
+    w_begin(&w, call_id, "ufy");
+    w_u64(&w, hSession);
+    w_fbuf(&w, pOut, *pulOutLen);
+    CK_RV rv = transact(&w, call_id, "ay", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    rv = read_byte_out(&r, pOut, pulOutLen);
+    LEAVE(finish(&r, rv));
+}
+
+CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+             CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)
+{
+    return data_out_call(CALL_Sign, hSession, pData, ulDataLen, pSignature, pulSignatureLen);
 }
 
 /*
@@ -1416,19 +1445,7 @@ CK_RV C_VerifyFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG
 CK_RV C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature,
                   CK_ULONG_PTR pulSignatureLen)
 {
-    if (pulSignatureLen == NULL)
-        return CKR_ARGUMENTS_BAD;
-    ENTER();
-    wbuf w;
-    rbuf r;
-    w_begin(&w, CALL_SignFinal, "ufy");
-    w_u64(&w, hSession);
-    w_fbuf(&w, pSignature, *pulSignatureLen);
-    CK_RV rv = transact(&w, CALL_SignFinal, "ay", &r);
-    if (rv != CKR_OK)
-        LEAVE(rv);
-    rv = read_byte_out(&r, pSignature, pulSignatureLen);
-    LEAVE(finish(&r, rv));
+    return final_out_call(CALL_SignFinal, hSession, pSignature, pulSignatureLen);
 }
 
 CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_ULONG ulRandomLen)
@@ -1485,23 +1502,7 @@ CK_RV C_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism)
 CK_RV C_Digest(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
                CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen)
 {
-    if ((pData == NULL && ulDataLen != 0) || pulDigestLen == NULL)
-        return CKR_ARGUMENTS_BAD;
-    if (ulDataLen >= MAX_MESSAGE)
-        return CKR_DATA_LEN_RANGE;
-    ENTER();
-    wbuf w;
-    rbuf r;
-    static const CK_BYTE empty[1] = {0};
-    w_begin(&w, CALL_Digest, "uayfy");
-    w_u64(&w, hSession);
-    w_ay(&w, pData ? pData : empty, ulDataLen);
-    w_fbuf(&w, pDigest, *pulDigestLen);
-    CK_RV rv = transact(&w, CALL_Digest, "ay", &r);
-    if (rv != CKR_OK)
-        LEAVE(rv);
-    rv = read_byte_out(&r, pDigest, pulDigestLen);
-    LEAVE(finish(&r, rv));
+    return data_out_call(CALL_Digest, hSession, pData, ulDataLen, pDigest, pulDigestLen);
 }
 
 CK_RV C_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
@@ -1511,19 +1512,7 @@ CK_RV C_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulP
 
 CK_RV C_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen)
 {
-    if (pulDigestLen == NULL)
-        return CKR_ARGUMENTS_BAD;
-    ENTER();
-    wbuf w;
-    rbuf r;
-    w_begin(&w, CALL_DigestFinal, "ufy");
-    w_u64(&w, hSession);
-    w_fbuf(&w, pDigest, *pulDigestLen);
-    CK_RV rv = transact(&w, CALL_DigestFinal, "ay", &r);
-    if (rv != CKR_OK)
-        LEAVE(rv);
-    rv = read_byte_out(&r, pDigest, pulDigestLen);
-    LEAVE(finish(&r, rv));
+    return final_out_call(CALL_DigestFinal, hSession, pDigest, pulDigestLen);
 }
 
 static CK_RV write_template(wbuf *w, const CK_ATTRIBUTE *t, CK_ULONG n)
