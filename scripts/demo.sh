@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job: an appliance on the embedded SoftHSM2 token under ./var/pqhsm, one key of
-# each classical type, a file signed by each, every signature verified by openssl.
+# each classical type, a file signed by each, every signature verified by openssl; an
+# ML-DSA-87 key, a key migrated to HYBRID signing dual; then the appliance served over
+# PKCS#11 (pqhsm serve) and a signature made through pqhsm's own module.
 # Safe to run again: it reuses the appliance and the keys it already made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,43 @@ for policy in legacy pqc strict; do
 done
 printf '%-16s HYBRID: dual signature verified under the legacy, pqc and strict policies\n' "ed25519"
 pq audit verify | head -1
+
+# the network-HSM face: serve PKCS#11 on a Unix socket and sign through pqhsm's own
+# module, as any PKCS#11 application would (here python-pkcs11; pkcs11-tool works too)
+if [ ! -f "$secrets/client-pin" ]; then
+  (umask 077 && head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secrets/client-pin")
+  python -m pkcs11_shim set-pin --home "$home" --pin-file "$secrets/client-pin" >/dev/null
+fi
+sockdir=$(mktemp -d /tmp/pqhsm-demo.XXXXXX)  # 0700; AF_UNIX paths must stay short
+pqhsm --home "$home" serve --socket "$sockdir/p11.sock" --unlock >/dev/null 2>"$work/serve.log" &
+server=$!
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$sockdir"' EXIT
+for _ in $(seq 200); do [ -S "$sockdir/p11.sock" ] && break; sleep 0.05; done
+export PQHSM_SERVER_ADDRESS="unix:path=$sockdir/p11.sock"
+module=$(pqhsm module-path)
+pkcs11-tool --module "$module" -M 2>/dev/null | grep -c ',' | xargs printf '%-16s the module lists %s mechanisms (ML-DSA, EdDSA, ECDSA-SHA*, dual, composite)\n' "pkcs11"
+python - "$module" "$secrets/client-pin" "$msg" "$work/pkcs11-ed25519.sig" <<'PY'
+import sys
+import pkcs11
+from pkcs11 import KeyType, Mechanism, ObjectClass
+module, pin_file, msg_file, out = sys.argv[1:]
+with open(pin_file) as f:
+    pin = f.read().strip()
+token = pkcs11.lib(module).get_token()
+with token.open(user_pin=pin) as session:
+    key = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC_EDWARDS, label="demo-ed25519")
+    with open(msg_file, "rb") as f:
+        sig = key.sign(f.read(), mechanism=Mechanism.EDDSA)
+with open(out, "wb") as f:
+    f.write(sig)
+PY
+openssl pkeyutl -verify -pubin -inkey "$work/ed25519.pem" -rawin -in "$msg" \
+  -sigfile "$work/pkcs11-ed25519.sig" >/dev/null
+printf '%-16s Ed25519 signed through libpqhsm-pkcs11.so and the server, verified by openssl\n' "pkcs11"
+kill "$server"
+wait "$server" 2>/dev/null || true
+trap - EXIT
+rm -rf "$sockdir"
 
 echo
 pq key list
