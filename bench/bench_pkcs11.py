@@ -21,13 +21,14 @@ host running its own applications.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pkcs11_shim.launch import child_env, serve_argv
 
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 #: Each setup runs in this many alternating windows of SECONDS / ROUNDS.
@@ -117,9 +118,7 @@ def main() -> int:
         return 1
     root = Path(tempfile.mkdtemp(prefix="pqhsm-bp-"))
     home, secrets = root / "home", root / "secrets"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
-    }
+    env = child_env()
 
     def pq(*args: str) -> None:
         subprocess.run(
@@ -155,20 +154,7 @@ def main() -> int:
     )
     sock = root / "p11.sock"
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pkcs11_shim",
-            "serve",
-            "--home",
-            str(home),
-            "--socket",
-            str(sock),
-            "--pin-file",
-            str(secrets / "token-pin"),
-            "--unlock",
-            *unlock,
-        ],
+        serve_argv(home, sock, secrets, unlock=True),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

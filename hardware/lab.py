@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ from appliance.keys import KeyState
 from hardware.relay import Relay
 from hardware.relay_sim import PoweredProcess, RelaySimulator
 from hardware.transport import Transport
+from pkcs11_shim.launch import child_env
 
 __all__ = [
     "CHECK",
@@ -194,13 +194,6 @@ class LabReport:
 
 
 # -- appliance homes ---------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """The environment for appliance children: no inherited token or home settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PQHSM_")}
-    env.pop("SOFTHSM2_CONF", None)
-    return env
 
 
 def _cli(home: Path, *args: str) -> None:

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from appliance.errors import ConfigError, DeviceError
 from hardware.lab import child_env, make_home
+from pkcs11_shim.launch import serve_argv
 
 if TYPE_CHECKING:
     from pkcs11 import PrivateKey, PublicKey, Session
@@ -761,20 +762,7 @@ def _served(home: Path, secrets_dir: Path, *, unlock: bool = False) -> Iterator[
     :param unlock: also unlock the keystore (ML-DSA signing opens blobs).
     """
     sockdir = Path(tempfile.mkdtemp(prefix="p11mx"))  # short: AF_UNIX paths max 107 bytes
-    argv = [
-        sys.executable,
-        "-m",
-        "pkcs11_shim",
-        "serve",
-        "--home",
-        str(home),
-        "--socket",
-        str(sockdir / "p11.sock"),
-        "--pin-file",
-        str(secrets_dir / "token-pin"),
-    ]
-    if unlock:
-        argv += ["--unlock", "--passphrase-file", str(secrets_dir / "passphrase")]
+    argv = serve_argv(home, sockdir / "p11.sock", secrets_dir, unlock=unlock)
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
         argv,
         stdout=subprocess.PIPE,

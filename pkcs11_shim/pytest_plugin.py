@@ -15,7 +15,6 @@ log in with ``pqhsm_server.pin``.  The server stops when the session ends.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+
+from pkcs11_shim.launch import child_env, serve_argv
 
 __all__ = ["CLIENT_MODULE", "PqhsmServer", "pqhsm_server"]
 
@@ -55,12 +56,9 @@ class PqhsmServer:
 
 
 def _run(*args: str, home: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
-    }
     proc = subprocess.run(  # noqa: S603 - our own interpreter and module, fixed arguments
         [sys.executable, "-m", "appliance", "--home", str(home), *args],
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -95,23 +93,9 @@ def pqhsm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PqhsmServ
     )
     _run("key", "create", "--type", "ecdsa-p256", "--label", TEST_KEY_LABEL, home=home)
     sock = run / "p11.sock"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
-    }
     server = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
-        [
-            sys.executable,
-            "-m",
-            "pkcs11_shim",
-            "serve",
-            "--home",
-            str(home),
-            "--socket",
-            str(sock),
-            "--pin-file",
-            str(secrets / "token-pin"),
-        ],
-        env=env,
+        serve_argv(home, sock, secrets),
+        env=child_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -26,6 +26,7 @@ from appliance.keystore import PBKDF2_SHA3, calibrate
 from appliance.secret import SecretBytes
 from appliance.token.initdev import init_token
 from appliance.token.softhsm import SOFTHSM_MODULES
+from pkcs11_shim.launch import child_env
 
 #: pytester tests the shipped pqhsm pytest plugin; labline (tests/labline.py) adds the
 #: hardware lab's options (--serial-port, --relay-port, ...) and their fixtures.
@@ -112,13 +113,6 @@ def appliance(fresh_token: TokenSpec, app_home: Path) -> Iterator[Appliance]:
         yield app
     finally:
         app.close()
-
-
-def child_env() -> dict[str, str]:
-    """This process's environment for a child ``pqhsm``/server: no PQHSM_* nor SOFTHSM2_CONF."""
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
-    }
 
 
 def read_until(fd: int, marker: bytes, timeout: float = 20.0) -> bytes:

@@ -34,6 +34,7 @@ from appliance.keys import KeyInfo, KeyState
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from conftest import PIN, run_cli
+from pkcs11_shim.launch import child_env
 from pkcs11_shim.model import SLOT_ID, Pkcs11Model
 from pkcs11_shim.rpc import HANDSHAKE, Reader
 from pkcs11_shim.server import Server
@@ -478,8 +479,7 @@ def test_serve_entry_point(tmp_path: Path, entry: list[str]) -> None:
     pin = pin_files[0].read_bytes().strip()
     sockdir = Path(tempfile.mkdtemp(prefix="p11"))
     sock = sockdir / "s"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PQHSM_")}
-    env.pop("SOFTHSM2_CONF", None)
+    env = child_env()
     proc = subprocess.Popen(
         [*(a.replace("{home}", str(home)) for a in entry), "--socket", str(sock)],
         env=env,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import tty
 from pathlib import Path
@@ -21,8 +20,9 @@ from crashkit import make_base
 
 from appliance import clientpins
 from appliance.secret import SecretBytes
-from conftest import child_env, read_until, run_cli
+from conftest import read_until, run_cli
 from hardware.console import set_so_pin
+from pkcs11_shim.launch import child_env, serve_argv
 
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 SO = b"officer-1357"
@@ -36,20 +36,7 @@ pytestmark = [
 
 
 def _serve(home: Path, secrets: Path, sockdir: Path, console: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pkcs11_shim",
-        "serve",
-        "--home",
-        str(home),
-        "--socket",
-        str(sockdir / "p11.sock"),
-        "--pin-file",
-        str(secrets / "token-pin"),
-        "--console-port",
-        console,
-    ]
+    return serve_argv(home, sockdir / "p11.sock", secrets, extra=("--console-port", console))
 
 
 def _private_labels(env: dict[str, str], pin: str) -> list[str]:

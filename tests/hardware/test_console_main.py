@@ -19,8 +19,9 @@ from crashkit import make_base
 from appliance import clientpins
 from appliance.cli import main
 from appliance.secret import SecretBytes
-from conftest import child_env, read_until
+from conftest import read_until
 from hardware.console import set_so_pin
+from pkcs11_shim.launch import child_env
 
 PQHSM = [sys.executable, "-m", "appliance"]
 OLD = [sys.executable, "-m", "hardware.console"]
