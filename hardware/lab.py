@@ -58,6 +58,7 @@ __all__ = [
     "main",
     "make_home",
     "run_powercut",
+    "run_pqhsm",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ class LabReport:
 # -- appliance homes ---------------------------------------------------------------------------
 
 
-def _cli(home: Path, *args: str) -> None:
+def run_pqhsm(home: Path, *args: str) -> None:
+    """Run ``pqhsm --home HOME ARGS`` in a child; a failure is a :class:`LabError`."""
     proc = subprocess.run(  # noqa: S603 - our own interpreter and CLI, no shell
         [sys.executable, "-m", "appliance", "--home", str(home), *args],
         capture_output=True,
@@ -216,7 +218,7 @@ def make_home(root: Path, keys: Sequence[tuple[str, str]]) -> tuple[Path, Path]:
     Returns ``(home, secrets)``.
     """
     home, secrets = root / "pqhsm", root / "secrets"
-    _cli(
+    run_pqhsm(
         home,
         "init",
         "--embedded-softhsm",

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from appliance.errors import ConfigError, DeviceError
-from hardware.lab import child_env, make_home
+from hardware.lab import child_env, make_home, run_pqhsm
 from pkcs11_shim.launch import serve_argv
 
 if TYPE_CHECKING:
@@ -742,19 +742,6 @@ def _fill(result: TokenResult, verdict: dict[str, Any]) -> None:
     result.ops = {k: float(v) for k, v in verdict["ops"].items()}
 
 
-def _pqhsm(home: Path, *args: str) -> None:
-    proc = subprocess.run(  # noqa: S603 - our own interpreter and CLI, no shell
-        [sys.executable, "-m", "appliance", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=child_env(),
-    )
-    if proc.returncode != 0:
-        raise DeviceError(f"pqhsm {args[0]} failed: {proc.stderr.strip()[-300:]}")
-
-
 @contextmanager
 def _served(home: Path, secrets_dir: Path, *, unlock: bool = False) -> Iterator[str]:
     """Run ``python -m pkcs11_shim serve`` on ``home``; yield its socket address.
@@ -827,7 +814,7 @@ def _migration_check(
         if missing:
             check.detail = f"before migration, no classical private object for {missing}"
             return check
-        _pqhsm(home, "migrate", "--all", "--to", "PQC_ONLY", "--json")
+        run_pqhsm(home, "migrate", "--all", "--to", "PQC_ONLY", "--json")
         with _served(home, secrets_dir) as address:
             spec = {
                 "module": target.module,
