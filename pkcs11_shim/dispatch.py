@@ -390,8 +390,8 @@ def runs_long(client: Client, body: bytes) -> bool:
     if session is None:
         return False
     if signing:
-        return session.sign_key is not None and session.sign_mech not in _CLASSICAL_MECHANISMS
-    return session.verify_key is not None and session.verify_mech not in _CLASSICAL_MECHANISMS
+        return session.sign.key is not None and session.sign.mech not in _CLASSICAL_MECHANISMS
+    return session.verify.key is not None and session.verify.mech not in _CLASSICAL_MECHANISMS
 
 
 def dispatch(client: Client, body: bytes) -> bytes:

@@ -614,25 +614,62 @@ class Pkcs11Model:
 
 
 @dataclass
+class Operation:
+    """One session's sign or verify operation (PKCS#11 allows one of each at a time)."""
+
+    key: str | None = None  # key_id while the operation is active
+    mech: int = CKM_ECDSA  # its mechanism (extension connections: others too)
+    context: bytes = b""  # CKM_ML_DSA / dual / composite context
+    multi: bool = False  # an Update call came: only the Final call may end it
+    fed: int = 0  # message bytes fed by Update calls (bounded by MAX_DIGEST_INPUT)
+    hash: hashlib._Hash | None = None  # CKM_ECDSA_SHA*: the incremental hash
+    parts: bytearray | None = None  # whole-message mechanisms: the collected parts
+
+    def start(self, key_id: str, mech: int, context: bytes) -> None:
+        self.key, self.mech, self.context = key_id, mech, context
+        self.multi, self.fed, self.hash, self.parts = False, 0, None, None
+
+    def end(self) -> str | None:
+        """End the operation; its key id (None: none was active)."""
+        key_id, self.key = self.key, None
+        self.hash, self.parts = None, None
+        return key_id
+
+    def feed(self, data: bytes, held: int) -> None:
+        """One Update part, after PKCS#11's checks (``held``: bytes the connection holds).
+
+        :raises CkrError: the operation was ended (as every error ends it).
+        """
+        try:
+            if self.mech == CKM_ECDSA:  # single-part only (PKCS#11 mechanism table)
+                raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
+            if self.fed + len(data) > MAX_DIGEST_INPUT:
+                raise CkrError(CKR.DATA_LEN_RANGE)
+            if self.mech in _WHOLE_MESSAGE and held + len(data) > MAX_CLIENT_PARTS:
+                raise CkrError(CKR.DEVICE_MEMORY)
+        except CkrError:
+            self.end()
+            raise
+        self.multi = True
+        self.fed += len(data)
+        if self.mech in _ECDSA_HASH:
+            if self.hash is None:
+                self.hash = hashlib.new(_ECDSA_HASH[self.mech])
+            self.hash.update(data)
+        else:
+            if self.parts is None:
+                self.parts = bytearray()
+            self.parts += data
+
+
+@dataclass
 class Session:
     """One PKCS#11 session of a client."""
 
     flags: int
     found: list[int] | None = None
-    sign_key: str | None = None  # key_id while C_Sign is active
-    sign_mech: int = CKM_ECDSA  # the active sign mechanism (extension: others too)
-    sign_context: bytes = b""  # CKM_ML_DSA / dual / composite context of the operation
-    sign_multi: bool = False  # C_SignUpdate was called: only C_SignFinal may end it
-    sign_fed: int = 0  # message bytes fed by C_SignUpdate (bounded by MAX_DIGEST_INPUT)
-    sign_hash: hashlib._Hash | None = None  # CKM_ECDSA_SHA*: the incremental hash
-    sign_parts: bytearray | None = None  # whole-message mechanisms: the collected parts
-    verify_key: str | None = None  # key_id while C_Verify is active
-    verify_mech: int = CKM_ECDSA  # the active verify mechanism (extension: others too)
-    verify_context: bytes = b""  # ML-DSA / dual / composite context of the operation
-    verify_multi: bool = False  # C_VerifyUpdate was called: only C_VerifyFinal may end it
-    verify_fed: int = 0  # message bytes fed by C_VerifyUpdate
-    verify_hash: hashlib._Hash | None = None  # CKM_ECDSA_SHA*: the incremental hash
-    verify_parts: bytearray | None = None  # whole-message mechanisms: the collected parts
+    sign: Operation = field(default_factory=Operation)  # C_Sign*
+    verify: Operation = field(default_factory=Operation)  # C_Verify*
     digest: hashlib._Hash | None = None  # while C_Digest* is active
     digest_fed: int = 0  # bytes hashed so far (bounded by MAX_DIGEST_INPUT)
 
@@ -759,8 +796,8 @@ class Client:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
         self.logged_in = False
         for s in self.sessions.values():
-            self._end_sign(s)
-            self._end_verify(s)
+            s.sign.end()
+            s.verify.end()
 
     # -- objects -------------------------------------------------------------------------
 
@@ -881,7 +918,7 @@ class Client:
 
     def sign_init(self, handle: int, mech: Mechanism, key_handle: int) -> None:
         s = self._session(handle)
-        if s.sign_key is not None:
+        if s.sign.key is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
@@ -892,13 +929,7 @@ class Client:
         if cls != CKO_PRIVATE_KEY:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
         context = _mechanism_context(mech, key, part)
-        s.sign_key = key.key_id
-        s.sign_mech = mech.type
-        s.sign_context = context
-        s.sign_multi = False
-        s.sign_fed = 0
-        s.sign_hash = None
-        s.sign_parts = None
+        s.sign.start(key.key_id, mech.type, context)
 
     def sign_length(self, handle: int) -> int:
         """The signature length of the active operation (for size queries).
@@ -907,25 +938,19 @@ class Client:
         their longest, which PKCS#11 allows a size query to answer.
         """
         s = self._session(handle)
-        if s.sign_key is None:
+        if s.sign.key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        key = self.model.app.key(s.sign_key)
-        if s.sign_mech == CKM_ML_DSA:
+        key = self.model.app.key(s.sign.key)
+        if s.sign.mech == CKM_ML_DSA:
             return MLDSA87_SIG_LEN
-        if s.sign_mech == CKM_EDDSA:
+        if s.sign.mech == CKM_EDDSA:
             return 64 if key.classical_alg == "ed25519" else 114
-        if s.sign_mech in (CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE):
+        if s.sign.mech in (CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE):
             classical = _MAX_CLASSICAL_SIG.get(key.classical_alg or "", 0)
-            if s.sign_mech == CKM_PQHSM_DUAL:
+            if s.sign.mech == CKM_PQHSM_DUAL:
                 return _DUAL_OVERHEAD + classical + MLDSA87_SIG_LEN
             return MLDSA87_SIG_LEN + classical
         return 2 * parse_alg(key.classical_alg or "").coord_len
-
-    def _end_sign(self, s: Session) -> str | None:
-        """End the active sign operation; its key id (None: there was none)."""
-        key_id, s.sign_key = s.sign_key, None
-        s.sign_hash, s.sign_parts = None, None
-        return key_id
 
     def sign(self, handle: int, data: bytes | None) -> bytes:
         """Single-part ``C_Sign``; ends the operation.
@@ -935,23 +960,23 @@ class Client:
         ``C_Sign`` then fails with ``CKR_OPERATION_ACTIVE`` (and ends it, as every error).
         """
         s = self._session(handle)
-        multi = s.sign_multi
-        key_id = self._end_sign(s)
+        multi = s.sign.multi
+        key_id = s.sign.end()
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
         if multi:
             raise CkrError(CKR.OPERATION_ACTIVE)
-        if data is None or (not data and s.sign_mech == CKM_ECDSA):
+        if data is None or (not data and s.sign.mech == CKM_ECDSA):
             raise CkrError(CKR.ARGUMENTS_BAD)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
         key = self.model.app.key(key_id)
-        if s.sign_mech != CKM_ECDSA:
+        if s.sign.mech != CKM_ECDSA:
             if len(data) > MAX_DIGEST_INPUT:
                 raise CkrError(CKR.DATA_LEN_RANGE)
-            if s.sign_mech in _ECDSA_HASH:
+            if s.sign.mech in _ECDSA_HASH:
                 return self._sign_ext(
-                    s, key, hashlib.new(_ECDSA_HASH[s.sign_mech], data), len(data)
+                    s, key, hashlib.new(_ECDSA_HASH[s.sign.mech], data), len(data)
                 )
             return self._sign_ext(s, key, data, len(data))
         if not _ecdsa_key(key):
@@ -972,54 +997,34 @@ class Client:
         ``CKR_FUNCTION_NOT_SUPPORTED``.
         """
         s = self._session(handle)
-        if s.sign_key is None:
+        if s.sign.key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        try:
-            if data is None:
-                raise CkrError(CKR.ARGUMENTS_BAD)
-            if not self.logged_in:
-                raise CkrError(CKR.USER_NOT_LOGGED_IN)
-            if s.sign_mech == CKM_ECDSA:
-                raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
-            if s.sign_fed + len(data) > MAX_DIGEST_INPUT:
-                raise CkrError(CKR.DATA_LEN_RANGE)
-            if s.sign_mech in _WHOLE_MESSAGE and self._held() + len(data) > MAX_CLIENT_PARTS:
-                raise CkrError(CKR.DEVICE_MEMORY)
-        except CkrError:
-            self._end_sign(s)
-            raise
-        s.sign_multi = True
-        s.sign_fed += len(data)
-        if s.sign_mech in _ECDSA_HASH:
-            if s.sign_hash is None:
-                s.sign_hash = hashlib.new(_ECDSA_HASH[s.sign_mech])
-            s.sign_hash.update(data)
-        else:
-            if s.sign_parts is None:
-                s.sign_parts = bytearray()
-            s.sign_parts += data
+        if data is None or not self.logged_in:
+            s.sign.end()  # every error ends the operation
+            raise CkrError(CKR.ARGUMENTS_BAD if data is None else CKR.USER_NOT_LOGGED_IN)
+        s.sign.feed(data, self._held())
 
     def _held(self) -> int:
         """Message bytes this connection's sessions hold for C_SignFinal/C_VerifyFinal."""
         held = 0
         for x in self.sessions.values():
-            held += len(x.sign_parts or b"") + len(x.verify_parts or b"")
+            held += len(x.sign.parts or b"") + len(x.verify.parts or b"")
         return held
 
     def sign_final(self, handle: int) -> bytes:
         """``C_SignFinal``: sign what ``C_SignUpdate`` fed (possibly nothing); ends it."""
         s = self._session(handle)
-        parts, digest, fed = s.sign_parts, s.sign_hash, s.sign_fed
-        key_id = self._end_sign(s)
+        parts, digest, fed = s.sign.parts, s.sign.hash, s.sign.fed
+        key_id = s.sign.end()
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        if s.sign_mech == CKM_ECDSA:
+        if s.sign.mech == CKM_ECDSA:
             raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
         key = self.model.app.key(key_id)
-        if s.sign_mech in _ECDSA_HASH:
-            h = digest if digest is not None else hashlib.new(_ECDSA_HASH[s.sign_mech])
+        if s.sign.mech in _ECDSA_HASH:
+            h = digest if digest is not None else hashlib.new(_ECDSA_HASH[s.sign.mech])
             return self._sign_ext(s, key, h, fed)
         return self._sign_ext(s, key, bytes(parts) if parts is not None else b"", fed)
 
@@ -1028,21 +1033,21 @@ class Client:
 
         ``data`` is the whole message, or for ``CKM_ECDSA_SHA*`` the hash over it.
         """
-        mech = s.sign_mech
+        mech = s.sign.mech
         app = self.model.app
         if isinstance(data, bytes):
             if mech == CKM_ML_DSA:
                 if not _mldsa_key(key):
                     raise CkrError(CKR.KEY_HANDLE_INVALID)
-                sig = app.sign(key, data, kind="ml-dsa", context=s.sign_context)
+                sig = app.sign(key, data, kind="ml-dsa", context=s.sign.context)
             elif mech == CKM_PQHSM_DUAL:
                 if not _dual_key(key):
                     raise CkrError(CKR.KEY_HANDLE_INVALID)
-                sig = app.sign(key, data, kind="dual", context=s.sign_context)
+                sig = app.sign(key, data, kind="dual", context=s.sign.context)
             elif mech == CKM_PQHSM_COMPOSITE:
                 if not _composite_key(key):
                     raise CkrError(CKR.KEY_HANDLE_INVALID)
-                sig = app.sign(key, data, kind="composite", context=s.sign_context)
+                sig = app.sign(key, data, kind="composite", context=s.sign.context)
             else:
                 if not _eddsa_key(key):
                     raise CkrError(CKR.KEY_HANDLE_INVALID)
@@ -1110,7 +1115,7 @@ class Client:
         """Start verification with a public key object: ``CKM_ECDSA``, and on extended
         connections every extension mechanism (same parameters as for signing)."""
         s = self._session(handle)
-        if s.verify_key is not None:
+        if s.verify.key is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
         allowed = (CKM_ECDSA, *EXT_MECHANISMS) if self.extended else (CKM_ECDSA,)
         if mech.type not in allowed:
@@ -1121,18 +1126,7 @@ class Client:
         if cls != CKO_PUBLIC_KEY:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
         context = _mechanism_context(mech, key, part) if self.extended else b""
-        s.verify_key = key.key_id
-        s.verify_mech = mech.type
-        s.verify_context = context
-        s.verify_multi = False
-        s.verify_fed = 0
-        s.verify_hash = None
-        s.verify_parts = None
-
-    def _end_verify(self, s: Session) -> str | None:
-        key_id, s.verify_key = s.verify_key, None
-        s.verify_hash, s.verify_parts = None, None
-        return key_id
+        s.verify.start(key.key_id, mech.type, context)
 
     def verify(self, handle: int, data: bytes | None, signature: bytes | None) -> None:
         """Single-part ``C_Verify``; ends the operation.
@@ -1147,8 +1141,8 @@ class Client:
             twice the coordinate length) or ``CKR_DATA_LEN_RANGE`` (empty or over 64).
         """
         s = self._session(handle)
-        multi = s.verify_multi
-        key_id = self._end_verify(s)
+        multi = s.verify.multi
+        key_id = s.verify.end()
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
         if multi:
@@ -1156,11 +1150,11 @@ class Client:
         if data is None or signature is None:
             raise CkrError(CKR.ARGUMENTS_BAD)
         key = self.model.app.key(key_id)
-        if s.verify_mech != CKM_ECDSA:
+        if s.verify.mech != CKM_ECDSA:
             if len(data) > MAX_DIGEST_INPUT:
                 raise CkrError(CKR.DATA_LEN_RANGE)
-            if s.verify_mech in _ECDSA_HASH:
-                h = hashlib.new(_ECDSA_HASH[s.verify_mech], data)
+            if s.verify.mech in _ECDSA_HASH:
+                h = hashlib.new(_ECDSA_HASH[s.verify.mech], data)
                 self._verify_ext(s, key, h, signature)
             else:
                 self._verify_ext(s, key, data, signature)
@@ -1183,45 +1177,27 @@ class Client:
     def verify_update(self, handle: int, data: bytes | None) -> None:
         """``C_VerifyUpdate``: feed one part; the rules and limits of :meth:`sign_update`."""
         s = self._session(handle)
-        if s.verify_key is None:
+        if s.verify.key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        try:
-            if data is None:
-                raise CkrError(CKR.ARGUMENTS_BAD)
-            if s.verify_mech == CKM_ECDSA:
-                raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
-            if s.verify_fed + len(data) > MAX_DIGEST_INPUT:
-                raise CkrError(CKR.DATA_LEN_RANGE)
-            if s.verify_mech in _WHOLE_MESSAGE and self._held() + len(data) > MAX_CLIENT_PARTS:
-                raise CkrError(CKR.DEVICE_MEMORY)
-        except CkrError:
-            self._end_verify(s)
-            raise
-        s.verify_multi = True
-        s.verify_fed += len(data)
-        if s.verify_mech in _ECDSA_HASH:
-            if s.verify_hash is None:
-                s.verify_hash = hashlib.new(_ECDSA_HASH[s.verify_mech])
-            s.verify_hash.update(data)
-        else:
-            if s.verify_parts is None:
-                s.verify_parts = bytearray()
-            s.verify_parts += data
+        if data is None:
+            s.verify.end()  # every error ends the operation
+            raise CkrError(CKR.ARGUMENTS_BAD)
+        s.verify.feed(data, self._held())
 
     def verify_final(self, handle: int, signature: bytes | None) -> None:
         """``C_VerifyFinal``: check ``signature`` over what was fed; ends the operation."""
         s = self._session(handle)
-        parts, digest = s.verify_parts, s.verify_hash
-        key_id = self._end_verify(s)
+        parts, digest = s.verify.parts, s.verify.hash
+        key_id = s.verify.end()
         if key_id is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        if s.verify_mech == CKM_ECDSA:
+        if s.verify.mech == CKM_ECDSA:
             raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
         if signature is None:
             raise CkrError(CKR.ARGUMENTS_BAD)
         key = self.model.app.key(key_id)
-        if s.verify_mech in _ECDSA_HASH:
-            h = digest if digest is not None else hashlib.new(_ECDSA_HASH[s.verify_mech])
+        if s.verify.mech in _ECDSA_HASH:
+            h = digest if digest is not None else hashlib.new(_ECDSA_HASH[s.verify.mech])
             self._verify_ext(s, key, h, signature)
         else:
             self._verify_ext(s, key, bytes(parts) if parts is not None else b"", signature)
@@ -1239,7 +1215,7 @@ class Client:
         :raises CkrError: ``CKR_SIGNATURE_INVALID``, ``CKR_SIGNATURE_LEN_RANGE`` or
             ``CKR_KEY_HANDLE_INVALID``.
         """
-        mech = s.verify_mech
+        mech = s.verify.mech
         if not isinstance(data, bytes):
             if not _ecdsa_key(key):
                 raise CkrError(CKR.KEY_HANDLE_INVALID)
@@ -1279,7 +1255,7 @@ class Client:
             params = composite.parse_composite_alg(key.composite_alg or "")
             keys = PublicKeys(composite=(params, composite_public_key(key)))
         try:
-            verify_policy(keys, data, signature, policy=Policy.STRICT, context=s.verify_context)
+            verify_policy(keys, data, signature, policy=Policy.STRICT, context=s.verify.context)
         except SignatureInvalid:
             raise CkrError(CKR.SIGNATURE_INVALID) from None
 
