@@ -11,10 +11,10 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from _setup import bench_appliance, softhsm_sandbox
 
 N_SIGN = 2000
 N_BLOB = 300
@@ -35,33 +35,18 @@ def _us(samples: list[float]) -> str:
 
 
 def main() -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="pqhsm-bench-"))
-    (tmp / "tokens").mkdir()
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    tmp = softhsm_sandbox("pqhsm-bench-")
 
     import pkcs11
     from cryptography.hazmat.primitives import hashes
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from appliance.config import Config
     from appliance.keystore import PBKDF2_SHA3, calibrate
     from appliance.secret import SecretBytes
-    from appliance.service import Appliance
-    from appliance.token.initdev import init_token
-    from appliance.token.softhsm import find_softhsm_module
 
-    module = find_softhsm_module()
-    init_token(module, "bench", SecretBytes(b"so-pin-bench"), SecretBytes(b"pin-bench"))
-    cfg = Config(home=tmp / "home", module=module, token_label="bench")
     passphrase = b"bench passphrase"
     kdf = calibrate(PBKDF2_SHA3, target_seconds=1.0)
-    app = Appliance.initialize(
-        cfg, pin=SecretBytes(b"pin-bench"), passphrase=SecretBytes(passphrase), kdf=kdf
-    )
+    app, module = bench_appliance(tmp, passphrase=passphrase, kdf=kdf)
     rows: list[tuple[str, str, str, str]] = []
 
     # -- unlock: PBKDF2 (calibrated to ~1 s) + token unwrap of the KEM seed + check blob

@@ -12,30 +12,21 @@ from __future__ import annotations
 import os
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from _setup import bench_appliance, softhsm_sandbox
 
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    tmp = Path(tempfile.mkdtemp(prefix="pqhsm-bench-mig-"))
-    (tmp / "tokens").mkdir()
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    tmp = softhsm_sandbox("pqhsm-bench-mig-")
 
     from appliance import fsio
-    from appliance.config import Config
     from appliance.keys import KeyState
-    from appliance.keystore import PBKDF2_SHA3, calibrate
     from appliance.pqc import active_backend
     from appliance.secret import SecretBytes
     from appliance.service import Appliance
     from appliance.token.initdev import init_token
-    from appliance.token.softhsm import find_softhsm_module
 
     fsyncs = 0
     real_sync = fsio._durable_sync
@@ -47,13 +38,7 @@ def main() -> int:
 
     fsio._durable_sync = counting_sync  # count every fsync: WAL, blobs, folders
 
-    module = find_softhsm_module()
-    init_token(module, "bench", SecretBytes(b"so-pin-bench"), SecretBytes(b"pin-bench"))
-    cfg = Config(home=tmp / "home", module=module, token_label="bench")
-    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=1000)
-    app = Appliance.initialize(
-        cfg, pin=SecretBytes(b"pin-bench"), passphrase=SecretBytes(b"bench"), kdf=kdf
-    )
+    app, module = bench_appliance(tmp)
     rows: list[tuple[str, str, str]] = []
 
     t0 = time.perf_counter()

@@ -12,12 +12,12 @@ import os
 import random
 import resource
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from _setup import bench_appliance, softhsm_sandbox
 
 
 def paired(
@@ -59,36 +59,19 @@ def rss_mib() -> float:
 
 
 def main() -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="pqhsm-bench-sig-"))
-    (tmp / "tokens").mkdir()
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    tmp = softhsm_sandbox("pqhsm-bench-sig-")
 
     import pkcs11
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, mldsa
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from appliance.config import Config
     from appliance.keys import KeyInfo, KeyState
-    from appliance.keystore import PBKDF2_SHA3, calibrate
-    from appliance.secret import SecretBytes
     from appliance.service import Appliance
     from appliance.signing.dual import dual_context, parse_dual
     from appliance.signing.policy import Policy, PublicKeys, load_public_keys, verify
-    from appliance.token.initdev import init_token
-    from appliance.token.softhsm import find_softhsm_module
 
-    module = find_softhsm_module()
-    init_token(module, "bench", SecretBytes(b"so-pin-bench"), SecretBytes(b"pin-bench"))
-    cfg = Config(home=tmp / "home", module=module, token_label="bench")
-    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=1000)
-    app = Appliance.initialize(
-        cfg, pin=SecretBytes(b"pin-bench"), passphrase=SecretBytes(b"bench"), kdf=kdf
-    )
+    app, module = bench_appliance(tmp)
     session = pkcs11.lib(module).get_token(token_label="bench").open()
     msg = os.urandom(256)
     rows: list[tuple[str, str, str]] = []

@@ -11,35 +11,20 @@ import io
 import os
 import sys
 import tarfile
-import tempfile
 import time
-from pathlib import Path
+
+from _setup import bench_appliance, softhsm_sandbox
 
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
-    tmp = Path(tempfile.mkdtemp(prefix="pqhsm-bench-snap-"))
-    (tmp / "tokens").mkdir()
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    tmp = softhsm_sandbox("pqhsm-bench-snap-")
 
-    from appliance.config import Config
-    from appliance.keystore import PBKDF2_SHA3, calibrate
     from appliance.secret import SecretBytes
-    from appliance.service import Appliance, restore_backup
-    from appliance.token.initdev import init_token
-    from appliance.token.softhsm import find_softhsm_module
+    from appliance.service import restore_backup
 
-    module = find_softhsm_module()
-    init_token(module, "bench", SecretBytes(b"so-pin-bench"), SecretBytes(b"pin-bench"))
-    cfg = Config(home=tmp / "home", module=module, token_label="bench")
-    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=1000)
-    app = Appliance.initialize(
-        cfg, pin=SecretBytes(b"pin-bench"), passphrase=SecretBytes(b"bench"), kdf=kdf
-    )
+    app, _ = bench_appliance(tmp)
+    cfg = app.cfg
     ids = [os.urandom(16).hex() for _ in range(n)]
     for start in range(0, n, 500):
         chunk = ids[start : start + 500]
