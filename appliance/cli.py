@@ -1116,7 +1116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _secret_args(p)
 
     # The PKCS#11 server (also `pqhsm-serve serve` / `python -m pkcs11_shim serve`).
-    from pkcs11_shim.__main__ import add_serve_arguments
+    from pkcs11_shim.options import add_serve_arguments  # light: no server imports
 
     p = cmd(
         "serve",

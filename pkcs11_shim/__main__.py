@@ -29,42 +29,9 @@ from appliance.errors import ApplianceError, ConfigError
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from pkcs11_shim.model import Pkcs11Model
+from pkcs11_shim.options import add_serve_arguments
 from pkcs11_shim.rpc import MAX_MESSAGE
-from pkcs11_shim.server import DEFAULT_IDLE_TIMEOUT, Server
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``serve`` (also ``pqhsm serve``; the caller adds ``--home``)."""
-    p.add_argument("--socket", required=True, help="Unix socket path (its directory: 0700)")
-    p.add_argument("--pin-file", help="file holding the token PIN (mode 0600)")
-    p.add_argument("--pin-fd", type=int, help="read the token PIN from this file descriptor")
-    p.add_argument("--unlock", action="store_true", help="also unlock the keystore")
-    p.add_argument("--passphrase-file", help="file holding the keystore passphrase (0600)")
-    p.add_argument("--passphrase-fd", type=int, help="read the passphrase from this fd")
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=DEFAULT_IDLE_TIMEOUT,
-        help="close a connection idle this many seconds (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-message",
-        type=int,
-        default=MAX_MESSAGE,
-        help="largest accepted message part in bytes; larger closes the connection",
-    )
-    c = p.add_argument_group(
-        "serial admin console",
-        "serve hardware/'s admin console for this same appliance (the WAL has one writer, "
-        "so a console for a running server runs inside it); set its PIN first with "
-        "`pqhsm console --set-so-pin`",
-    )
-    c.add_argument("--console-port", help="device path or pyserial URL for the console")
-    c.add_argument("--console-baud", type=int, default=115200, help="line speed, 8N1")
-    c.add_argument(
-        "--console-idle-timeout", type=float, default=300.0, help="idle logout in seconds"
-    )
-    c.add_argument("--console-backup-dir", type=Path, help="folder `backup` writes into")
+from pkcs11_shim.server import Server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +134,10 @@ def serve(args: argparse.Namespace) -> int:
             passphrase.wipe()
     model = Pkcs11Model(app, client_pin=client_pin)
     server = Server(
-        model, Path(args.socket), idle_timeout=args.idle_timeout, max_message=args.max_message
+        model,
+        Path(args.socket),
+        idle_timeout=args.idle_timeout,
+        max_message=MAX_MESSAGE if args.max_message is None else args.max_message,
     )
     stop_console: Callable[[], None] | None = None
     try:

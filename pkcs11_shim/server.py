@@ -51,6 +51,7 @@ from typing import Final
 from appliance.errors import ConfigError
 from pkcs11_shim.dispatch import dispatch, runs_long
 from pkcs11_shim.model import Client, Pkcs11Model
+from pkcs11_shim.options import DEFAULT_IDLE_TIMEOUT
 from pkcs11_shim.rpc import HEADER, MAX_MESSAGE, ProtocolError, encode_frame
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONNECTIONS", "Server"]
@@ -62,7 +63,6 @@ PROTOCOL_VERSION: Final = 0
 #: Version byte of the pqhsm extension v1 (libpqhsm-pkcs11.so only; README).
 EXTENSION_VERSION: Final = 0x50
 MAX_CONNECTIONS: Final = 64
-DEFAULT_IDLE_TIMEOUT: Final = 300.0
 #: Bytes taken from a socket per ``recv`` (a whole frame of the usual calls).
 _RECV_CHUNK: Final = 256 * 1024
 #: Worker threads for the long calls: enough to keep every core signing ML-DSA and
