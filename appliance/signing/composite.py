@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from appliance.algorithms import der_oid
 from appliance.errors import CallerError, DeviceError, SignatureInvalid
 from appliance.pqc import MAX_CONTEXT, MLDSA87_PUBLIC_LEN, MLDSA87_SIG_LEN, MlDsaSigner
 from appliance.pqc import active_backend as _active_backend
@@ -357,7 +358,6 @@ def decode_public_key(p: CompositeParams, data: BytesLike) -> tuple[bytes, bytes
 # -- DER: just enough for SubjectPublicKeyInfo ----------------------------------------------
 
 _SEQUENCE: Final = 0x30
-_OID: Final = 0x06
 _BIT_STRING: Final = 0x03
 
 
@@ -372,22 +372,9 @@ def _der(tag: int, content: bytes) -> bytes:
     return bytes((tag,)) + _der_len(len(content)) + content
 
 
-def _der_oid(dotted: str) -> bytes:
-    arcs = [int(a) for a in dotted.split(".")]
-    body = bytearray((40 * arcs[0] + arcs[1],))
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return _der(_OID, bytes(body))
-
-
 def _algorithm_identifier(p: CompositeParams) -> bytes:
     """``SEQUENCE { OID }``: parameters absent (draft §5.3, ``PARAMS ARE absent``)."""
-    return _der(_SEQUENCE, _der_oid(p.oid))
+    return _der(_SEQUENCE, der_oid(p.oid))
 
 
 def _read_tlv(data: bytes, pos: int, tag: int) -> tuple[int, int]:
