@@ -21,12 +21,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from appliance.errors import CallerError, SignatureInvalid
 from appliance.signing import composite as comp
 from appliance.signing.dual import DUAL_MAGIC, dual_context, parse_dual
-from appliance.signing.verify import load_public_key, verify_signature
+from appliance.signing.verify import load_public_key, verify_ecdsa, verify_signature
 
 __all__ = ["Policy", "PublicKeys", "classical_alg_name", "load_public_keys", "verify"]
 
@@ -89,11 +88,7 @@ class PublicKeys:
             ec_key = key
 
             def fn(sig: bytes, msg: bytes) -> None:
-                if len(sig) == 2 * size and sig[0] != 0x30:
-                    sig = encode_dss_signature(
-                        int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
-                    )
-                ec_key.verify(sig, msg, algo)
+                verify_ecdsa(ec_key, sig, msg, algo, size)
         else:
             raise CallerError(f"unsupported classical public key {type(key).__name__}")
         object.__setattr__(self, "_cverify", fn)

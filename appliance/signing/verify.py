@@ -17,13 +17,37 @@ from appliance.errors import CallerError, SignatureInvalid
 from appliance.pqc import MAX_CONTEXT, MLDSA87_SIG_LEN
 from appliance.secret import BytesLike
 
-__all__ = ["load_public_key", "verify_signature"]
+__all__ = ["load_public_key", "verify_ecdsa", "verify_signature"]
 
 _ECDSA_HASH: dict[str, type[hashes.HashAlgorithm]] = {
     "secp256r1": hashes.SHA256,
     "secp256k1": hashes.SHA256,
     "secp384r1": hashes.SHA384,
 }
+
+
+def verify_ecdsa(
+    key: ec.EllipticCurvePublicKey, sig: bytes, msg: bytes, algo: ec.ECDSA, size: int
+) -> None:
+    """Verify DER ``Ecdsa-Sig-Value`` or raw r||s (``size`` bytes each).
+
+    A raw signature starts with 0x30 one time in 256 and may then also read as DER, so a
+    2*size signature starting with 0x30 is tried as DER first and as raw r||s second.  Both
+    are encodings of the same (r, s); accepting either never accepts a different pair.
+
+    :raises InvalidSignature: neither reading verifies.
+    """
+    if len(sig) == 2 * size:
+        if sig[0] == 0x30:
+            try:
+                key.verify(sig, msg, algo)
+                return
+            except (InvalidSignature, ValueError):
+                pass
+        sig = encode_dss_signature(
+            int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
+        )
+    key.verify(sig, msg, algo)
 
 
 def load_public_key(data: bytes) -> PublicKeyTypes:
@@ -58,12 +82,7 @@ def verify_signature(
             hash_cls = _ECDSA_HASH.get(key.curve.name)
             if hash_cls is None:
                 raise CallerError(f"unsupported curve {key.curve.name}")
-            n = (key.curve.key_size + 7) // 8
-            if len(sig) == 2 * n and sig[0] != 0x30:
-                sig = encode_dss_signature(
-                    int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big")
-                )
-            key.verify(sig, msg, ec.ECDSA(hash_cls()))
+            verify_ecdsa(key, sig, msg, ec.ECDSA(hash_cls()), (key.curve.key_size + 7) // 8)
         elif isinstance(key, mldsa.MLDSA87PublicKey):
             # the parsed key object verifies directly; re-parsing the 2592-byte key per
             # call through the raw-bytes backend interface cost about 10% of a verify
