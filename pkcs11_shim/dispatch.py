@@ -33,6 +33,8 @@ class Call:
     request: str
     reply: str
     handler: Handler
+    #: the reply signature on connections with extension v2, when it differs
+    extended_reply: str | None = None
 
 
 def _initialize(c: Client, r: Reader, w: Writer) -> None:
@@ -186,7 +188,10 @@ def _sign_init(c: Client, r: Reader, w: Writer) -> None:
     mech = r.m()
     key = r.u()
     r.done()
-    c.sign_init(s, mech, key)
+    if c.sized_sign_init:  # the module answers size queries with this (README, extension)
+        w.u(c.sign_init_sized(s, mech, key))
+    else:
+        c.sign_init(s, mech, key)
 
 
 def _sign(c: Client, r: Reader, w: Writer) -> None:
@@ -335,7 +340,7 @@ CALLS: Final[dict[int, Call]] = {
     38: Call("C_Digest", "uayfy", "ay", _digest),
     39: Call("C_DigestUpdate", "uay", "", _digest_update),
     41: Call("C_DigestFinal", "ufy", "ay", _digest_final),
-    42: Call("C_SignInit", "uMu", "", _sign_init),
+    42: Call("C_SignInit", "uMu", "", _sign_init, extended_reply="u"),
     43: Call("C_Sign", "uayfy", "ay", _sign),
     44: Call("C_SignUpdate", "uay", "", _sign_update),
     45: Call("C_SignFinal", "ufy", "ay", _sign_final),
@@ -407,7 +412,8 @@ def dispatch(client: Client, body: bytes) -> bytes:
         return error_body(CKR.FUNCTION_NOT_SUPPORTED)
     if reader.signature != call.request:
         raise ProtocolError(f"{call.name}: signature mismatch")
-    writer = Writer(reader.call_id, call.reply)
+    reply = call.extended_reply if client.sized_sign_init and call.extended_reply else call.reply
+    writer = Writer(reader.call_id, reply)
     try:
         call.handler(client, reader, writer)
     except ProtocolError:

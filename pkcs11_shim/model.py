@@ -682,7 +682,8 @@ class Client:
     """
 
     model: Pkcs11Model
-    extended: bool = False  # negotiated the pqhsm extension (version byte 0x50)
+    extended: bool = False  # negotiated the pqhsm extension (version byte 0x50 or 0x51)
+    sized_sign_init: bool = False  # extension v2 (0x51): C_SignInit replies the length
     initialized: bool = False
     logged_in: bool = False
     sessions: dict[int, Session] = field(default_factory=dict)
@@ -930,6 +931,16 @@ class Client:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
         context = _mechanism_context(mech, key, part)
         s.sign.start(key.key_id, mech.type, context)
+
+    def sign_init_sized(self, handle: int, mech: Mechanism, key_handle: int) -> int:
+        """``sign_init``, then the length every size query on the operation will get (the
+        extension's C_SignInit reply carries it, so the module answers them itself)."""
+        self.sign_init(handle, mech, key_handle)
+        try:
+            return self.sign_length(handle)
+        except BaseException:
+            self._session(handle).sign.end()  # no operation the client was not told of
+            raise
 
     def sign_length(self, handle: int) -> int:
         """The signature length of the active operation (for size queries).

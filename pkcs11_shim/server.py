@@ -60,8 +60,11 @@ log = logging.getLogger(__name__)
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 PROTOCOL_VERSION: Final = 0
-#: Version byte of the pqhsm extension v1 (libpqhsm-pkcs11.so only; README).
+#: Version bytes of the pqhsm extension (libpqhsm-pkcs11.so only; README): v1, and v2,
+#: whose C_SignInit reply carries the signature length.  Each is echoed; modules of
+#: either version keep working against this server.
 EXTENSION_VERSION: Final = 0x50
+EXTENSION_VERSION_2: Final = 0x51
 MAX_CONNECTIONS: Final = 64
 #: Bytes taken from a socket per ``recv`` (a whole frame of the usual calls).
 _RECV_CHUNK: Final = 256 * 1024
@@ -325,8 +328,9 @@ class Server:
                 version = buf[0]
                 del buf[:1]
                 log.debug("client offers protocol version %d", version)
-                if version == EXTENSION_VERSION:
+                if version in (EXTENSION_VERSION, EXTENSION_VERSION_2):
                     conn.client.extended = True
+                    conn.client.sized_sign_init = version == EXTENSION_VERSION_2
                 elif version != PROTOCOL_VERSION:
                     raise ProtocolError(f"unsupported protocol version {version}")
                 conn.handshaken = True

@@ -36,7 +36,8 @@
 #define RANDOM_CHUNK 16384u
 #define SIGN_CHUNK (256u * 1024u) /* C_SignUpdate data per request */
 #define IO_TIMEOUT_SECONDS 30
-#define EXTENSION_VERSION 0x50 /* pqhsm extension v1 (README.md) */
+#define EXTENSION_VERSION 0x50   /* pqhsm extension v1 (README.md) */
+#define EXTENSION_VERSION_2 0x51 /* v2: C_SignInit replies the signature length */
 #define MAX_SIGN_CONTEXT 255u
 #define PARAM_MAX (12u + MAX_SIGN_CONTEXT)
 
@@ -89,6 +90,54 @@ static pid_t g_pid;
 static int g_fd = -1;
 static uint32_t g_code;
 static int g_atfork_registered;
+static int g_sized; /* the server speaks extension v2: C_SignInit replies the length */
+
+/*
+ * Signing operations this module knows to be active, with the signature length the
+ * server gave in its C_SignInit reply (extended connections only).  Size queries and
+ * short buffers on such an operation are answered here, exactly as the server would
+ * answer them (its answer is fixed when the operation starts), which saves one of the
+ * three round trips most applications make per signature.  An operation leaves the
+ * table when the server ends it: any C_Sign/C_SignFinal reply other than a short
+ * buffer, a failing C_SignUpdate, C_CloseSession, C_CloseAllSessions, C_Logout, or a
+ * new connection.  A full table only means queries go to the server.  Under g_lock.
+ */
+#define SIGN_OPS 64
+static struct {
+    CK_SESSION_HANDLE session;
+    CK_ULONG length;
+    int used;
+} g_sign_ops[SIGN_OPS];
+
+static void sign_ops_clear(void) { memset(g_sign_ops, 0, sizeof(g_sign_ops)); }
+
+static int sign_op_find(CK_SESSION_HANDLE h)
+{
+    for (int i = 0; i < SIGN_OPS; i++)
+        if (g_sign_ops[i].used && g_sign_ops[i].session == h)
+            return i;
+    return -1;
+}
+
+static void sign_op_forget(CK_SESSION_HANDLE h)
+{
+    int i = sign_op_find(h);
+    if (i >= 0)
+        g_sign_ops[i].used = 0;
+}
+
+static void sign_op_remember(CK_SESSION_HANDLE h, CK_ULONG length)
+{
+    int i = sign_op_find(h);
+    for (int j = 0; i < 0 && j < SIGN_OPS; j++)
+        if (!g_sign_ops[j].used)
+            i = j;
+    if (i < 0)
+        return;
+    g_sign_ops[i].session = h;
+    g_sign_ops[i].length = length;
+    g_sign_ops[i].used = 1;
+}
 
 static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
 static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
@@ -278,6 +327,8 @@ static void disconnect(void)
     if (g_fd >= 0)
         close(g_fd);
     g_fd = -1;
+    g_sized = 0;
+    sign_ops_clear(); /* the server's sessions went with the connection */
 }
 
 static int send_all(int fd, const void *p, size_t n)
@@ -420,22 +471,39 @@ static int parse_address(struct sockaddr_un *sa, const conf_t *conf)
 
 static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *reply);
 
+/* A connected socket that agreed on a version byte (offered, or 0), or -1. */
+static int negotiate(const struct sockaddr_un *sa, uint8_t offer, uint8_t *agreed)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct timeval tv = {IO_TIMEOUT_SECONDS, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    uint8_t version = offer;
+    if (connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) < 0 ||
+        send_all(fd, &version, 1) < 0 || recv_all(fd, &version, 1) < 0 ||
+        (version != 0 && version != offer)) {
+        close(fd);
+        return -1;
+    }
+    *agreed = version;
+    return fd;
+}
+
 /* Open the socket, exchange the version byte and send C_Initialize. */
 static CK_RV connect_server(void)
 {
     struct sockaddr_un sa;
     conf_t conf;
+    g_sized = 0;
+    sign_ops_clear();
     read_conf(&conf);
     if (parse_address(&sa, &conf) < 0)
         return CKR_DEVICE_ERROR;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return CKR_DEVICE_ERROR;
-    struct timeval tv = {IO_TIMEOUT_SECONDS, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     /*
-     * Offer the pqhsm extension; a plain p11-kit server answers 0 (version 0 only).
+     * Offer the pqhsm extension, v2 first; a server that only knows v1 closes on 0x51,
+     * so v1 is offered next; a plain p11-kit server answers 0 (version 0 only).
      * PQHSM_EXTENSION=off offers version 0: the connection then shows exactly what
      * p11-kit-client.so shows (for clients such as libp11 0.4.12 that stop enumerating
      * keys at the first key type they do not know); so does "extension = off" in the
@@ -443,13 +511,14 @@ static CK_RV connect_server(void)
      */
     const char *ext = getenv("PQHSM_EXTENSION");
     int off = (ext != NULL && *ext != '\0') ? strcmp(ext, "off") == 0 : conf.extension_off == 1;
-    uint8_t version = off ? 0 : EXTENSION_VERSION;
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || send_all(fd, &version, 1) < 0 ||
-        recv_all(fd, &version, 1) < 0 || (version != 0 && version != EXTENSION_VERSION)) {
-        close(fd);
+    uint8_t version = 0;
+    int fd = negotiate(&sa, off ? 0 : EXTENSION_VERSION_2, &version);
+    if (fd < 0 && !off)
+        fd = negotiate(&sa, EXTENSION_VERSION, &version);
+    if (fd < 0)
         return CKR_DEVICE_ERROR;
-    }
     g_fd = fd;
+    g_sized = version == EXTENSION_VERSION_2;
     wbuf w;
     rbuf r;
     w_begin(&w, CALL_Initialize, "ayyay");
@@ -1095,7 +1164,12 @@ static CK_RV one_ulong_call(uint32_t call_id, CK_ULONG value)
     wbuf w;
     w_begin(&w, call_id, "u");
     w_u64(&w, value);
-    LEAVE(simple_call(&w, call_id));
+    CK_RV rv = simple_call(&w, call_id);
+    if (call_id == CALL_CloseSession)
+        sign_op_forget(value);
+    else if (call_id == CALL_CloseAllSessions || (call_id == CALL_Logout && rv == CKR_OK))
+        sign_ops_clear(); /* one slot: every session; logout ends every operation */
+    LEAVE(rv);
 }
 
 CK_RV C_CloseSession(CK_SESSION_HANDLE hSession)
@@ -1301,18 +1375,61 @@ static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
     if (prv != CKR_OK)
         return prv;
     ENTER();
+    if (g_fd < 0 && connect_server() != CKR_OK) /* the reply form depends on the server */
+        LEAVE(CKR_DEVICE_ERROR);
     wbuf w;
     w_begin(&w, call_id, "uMu");
     w_u64(&w, hSession);
     w_u32(&w, (uint32_t)pMechanism->mechanism);
     w_bytes(&w, param_len ? param : NULL, param_len); /* empty: no parameter */
     w_u64(&w, hKey);
-    LEAVE(simple_call(&w, call_id));
+    if (call_id != CALL_SignInit || !g_sized)
+        LEAVE(simple_call(&w, call_id));
+    /* extended C_SignInit replies "u": the length size queries will be answered */
+    rbuf r;
+    CK_RV rv = transact(&w, call_id, "u", &r);
+    if (rv != CKR_OK)
+        LEAVE(rv);
+    CK_ULONG length = r_ulong(&r);
+    rv = finish(&r, CKR_OK);
+    if (rv == CKR_OK && length > 0 && length < MAX_MESSAGE)
+        sign_op_remember(hSession, length);
+    LEAVE(rv);
 }
 
 CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
 {
     return operation_init(CALL_SignInit, hSession, pMechanism, hKey);
+}
+
+/*
+ * A size query (NULL output) or a short buffer on a signing operation whose length the
+ * server gave at C_SignInit: set *len and say so (1); else 0 and the server decides.
+ */
+static int answer_size_locally(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR len)
+{
+    int i = sign_op_find(h);
+    if (i < 0 || (out != NULL && *len >= g_sign_ops[i].length))
+        return 0;
+    *len = g_sign_ops[i].length;
+    return 1;
+}
+
+/*
+ * Send a request whose reply is "ay" into the caller's buffer (PKCS#11 size rules).  For
+ * C_Sign/C_SignFinal, only a size answer keeps the operation active on the server.
+ */
+static CK_RV output_call(wbuf *w, uint32_t call_id, CK_SESSION_HANDLE hSession,
+                         CK_BYTE_PTR pOut, CK_ULONG_PTR pulOutLen)
+{
+    rbuf r;
+    CK_RV rv = transact(w, call_id, "ay", &r);
+    if (rv == CKR_OK)
+        rv = finish(&r, read_byte_out(&r, pOut, pulOutLen));
+    int sized = rv == CKR_BUFFER_TOO_SMALL || (rv == CKR_OK && pOut == NULL);
+    if ((call_id == CALL_Sign || call_id == CALL_SignFinal) && !sized)
+        sign_op_forget(hSession);
+    return rv;
 }
 
 /*
@@ -1327,18 +1444,15 @@ static CK_RV data_out_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE
     if (ulDataLen >= MAX_MESSAGE)
         return CKR_DATA_LEN_RANGE;
     ENTER();
+    if (call_id == CALL_Sign && answer_size_locally(hSession, pOut, pulOutLen))
+        LEAVE(pOut == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL);
     wbuf w;
-    rbuf r;
     static const CK_BYTE empty[1] = {0};
     w_begin(&w, call_id, "uayfy");
     w_u64(&w, hSession);
     w_ay(&w, pData ? pData : empty, ulDataLen);
     w_fbuf(&w, pOut, *pulOutLen);
-    CK_RV rv = transact(&w, call_id, "ay", &r);
-    if (rv != CKR_OK)
-        LEAVE(rv);
-    rv = read_byte_out(&r, pOut, pulOutLen);
-    LEAVE(finish(&r, rv));
+    LEAVE(output_call(&w, call_id, hSession, pOut, pulOutLen));
 }
 
 /* C_SignFinal and C_DigestFinal ("ufy" -> "ay"), the same output rules. */
@@ -1348,16 +1462,13 @@ static CK_RV final_out_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYT
     if (pulOutLen == NULL)
         return CKR_ARGUMENTS_BAD;
     ENTER();
+    if (call_id == CALL_SignFinal && answer_size_locally(hSession, pOut, pulOutLen))
+        LEAVE(pOut == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL);
     wbuf w;
-    rbuf r;
     w_begin(&w, call_id, "ufy");
     w_u64(&w, hSession);
     w_fbuf(&w, pOut, *pulOutLen);
-    CK_RV rv = transact(&w, call_id, "ay", &r);
-    if (rv != CKR_OK)
-        LEAVE(rv);
-    rv = read_byte_out(&r, pOut, pulOutLen);
-    LEAVE(finish(&r, rv));
+    LEAVE(output_call(&w, call_id, hSession, pOut, pulOutLen));
 }
 
 CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
@@ -1389,6 +1500,8 @@ static CK_RV update_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE_P
         rv = simple_call(&w, call_id);
         done += n;
     } while (rv == CKR_OK && done < ulPartLen);
+    if (rv != CKR_OK && call_id == CALL_SignUpdate)
+        sign_op_forget(hSession); /* the server ends an operation on any error */
     LEAVE(rv);
 }
 

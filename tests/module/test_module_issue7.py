@@ -9,6 +9,7 @@ a HYBRID P-256 key, a born ML-DSA-87 key and the two composite keys.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, utils
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from appliance.errors import SignatureInvalid
@@ -33,6 +34,7 @@ from appliance.service import Appliance
 from appliance.signing.policy import Policy, load_public_keys, verify
 from conftest import CHEAP_PBKDF2, PASSPHRASE, PIN, make_config, new_token
 from pkcs11_shim import model
+from pkcs11_shim.dispatch import dispatch
 from pkcs11_shim.model import Pkcs11Model, cka_id_of
 from pkcs11_shim.server import Server
 
@@ -61,6 +63,7 @@ CKR_MECHANISM_PARAM_INVALID = 0x71
 CKR_OPERATION_ACTIVE = 0x90
 CKR_OPERATION_NOT_INITIALIZED = 0x91
 CKR_BUFFER_TOO_SMALL = 0x150
+CKR_SESSION_HANDLE_INVALID = 0xB3
 MLDSA87_SIG_LEN = 4627
 
 pytestmark = [
@@ -1043,3 +1046,155 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     _strict(dual_keys, big, bytes.fromhex(out["dual_big"]))
     comp_pem = env.app.public_key_pem_of(comp)
     _strict([comp_pem], b"driver message", bytes.fromhex(out["comp_ctx"]), b"driver ctx")
+
+
+# -- size queries the module answers itself ---------------------------------------------------
+
+# Child: each step ends with C_GetSessionInfo, which marks it in the server's call log.
+_SIZE_QUERIES = r"""
+import ctypes, json, sys
+sys.path.insert(0, sys.argv[1])
+from ckclient import CK_ULONG, Module, Pkcs11Error
+m = Module(sys.argv[2]); m.initialize()
+pin = sys.argv[3].encode()
+s = m.open_session(); m.login(s, pin)
+mech = int(sys.argv[5], 16)
+cls_type = (3, int(sys.argv[6], 16))
+key = m.find(s, *cls_type, bytes.fromhex(sys.argv[4]))
+msg = bytes.fromhex(sys.argv[7])
+out = {}
+info = (CK_ULONG * 4)()
+def step(name, value):
+    out[name] = value
+    m.check("C_GetSessionInfo", CK_ULONG(s), info)
+def sign(buf, n):
+    n = CK_ULONG(n)
+    rv = m.call("C_Sign", CK_ULONG(s), msg, CK_ULONG(len(msg)), buf, ctypes.byref(n))
+    return [rv, n.value]
+def final(buf, n):
+    n = CK_ULONG(n)
+    rv = m.call("C_SignFinal", CK_ULONG(s), buf, ctypes.byref(n))
+    return [rv, n.value]
+step("no_operation", sign(None, 0))
+m.sign_init(s, mech, key)
+query, short = sign(None, 0), sign(ctypes.create_string_buffer(10), 10)
+big = ctypes.create_string_buffer(query[1])
+done = sign(big, query[1])
+step("single", [query, short, done, big.raw[: done[1]].hex()])
+step("after_end", sign(None, 0))
+if sys.argv[8] == "single":
+    m.finalize(); print(json.dumps(out)); sys.exit(0)
+m.sign_init(s, mech, key)
+m.sign_update(s, msg[:4]); m.sign_update(s, msg[4:])
+query = final(None, 0)
+big = ctypes.create_string_buffer(query[1])
+done = final(big, query[1])
+step("multi", [query, done, big.raw[: done[1]].hex()])
+m.sign_init(s, mech, key)
+m.check("C_Logout", CK_ULONG(s))
+step("after_logout", sign(None, 0))
+m.login(s, pin)
+m.sign_init(s, mech, key)
+m.check("C_CloseSession", CK_ULONG(s))
+closed = s
+s = m.open_session()
+n = CK_ULONG(0)
+rv = m.call("C_Sign", CK_ULONG(closed), msg, CK_ULONG(len(msg)), None, ctypes.byref(n))
+step("after_close", rv)
+m.finalize()
+print(json.dumps(out))
+"""
+
+_SESSION_INFO = 13
+
+
+def _steps(calls: list[int]) -> list[list[int]]:
+    """The server's call ids between C_GetSessionInfo markers."""
+    steps: list[list[int]] = [[]]
+    for call in calls:
+        if call == _SESSION_INFO:
+            steps.append([])
+        else:
+            steps[-1].append(call)
+    return steps
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The call id of every request the in-process server dispatches from now on."""
+    seen: list[int] = []
+
+    def spy(client: model.Client, body: bytes) -> bytes:
+        seen.append(int.from_bytes(body[:4], "big"))
+        return dispatch(client, body)
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", spy)
+    return seen
+
+
+def test_module_answers_signature_size_queries_itself(
+    env: Env, build: Build, calls: list[int]
+) -> None:
+    """The extended C_SignInit reply carries the signature length, so a size query or a
+    short buffer costs no round trip; the module forgets the operation whenever the server
+    ends it, so later queries still get the server's own answer."""
+    key = env.keys["mldsa"]
+    msg = b"size queries"
+    out = env.child(_SIZE_QUERIES, _id(key), "1d", "4a", msg.hex(), "all", build=build)
+    steps = _steps(calls)
+    assert out["no_operation"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
+    assert steps[0][-1] == 43  # no operation known: the server answers
+    single, multi = _results(out["single"]), _results(out["multi"])
+    assert single[:3] == [[0, SIG], [CKR_BUFFER_TOO_SMALL, SIG], [0, SIG]]
+    _mldsa_pub(key).verify(bytes.fromhex(str(single[3])), msg)
+    assert steps[1] == [42, 43]  # one C_Sign crossed the wire, not three
+    assert out["after_end"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
+    assert steps[2] == [43]
+    assert multi[:2] == [[0, SIG], [0, SIG]]
+    _mldsa_pub(key).verify(bytes.fromhex(str(multi[2])), msg)
+    assert steps[3] == [42, 44, 44, 45]
+    assert out["after_logout"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
+    assert steps[4] == [42, 19, 43]  # logout ended it on both sides
+    assert out["after_close"] == CKR_SESSION_HANDLE_INVALID
+    assert steps[5][-1] == 43
+
+
+SIG = MLDSA87_SIG_LEN
+
+
+def _results(value: object) -> list[object]:
+    assert isinstance(value, list)
+    return value
+
+
+def test_plain_protocol_keeps_size_queries_on_the_server(
+    env: Env, calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the extension off (p11-kit's protocol) C_SignInit replies nothing and every
+    size query goes to the server, as with p11-kit-client.so."""
+    monkeypatch.setenv("PQHSM_EXTENSION", "off")
+    key = env.keys["p256"]
+    digest = hashlib.sha256(b"size queries").digest()
+    out = env.child(_SIZE_QUERIES, _id(key), "1041", "3", digest.hex(), "single")
+    single = _results(out["single"])
+    assert single[:3] == [[0, 64], [CKR_BUFFER_TOO_SMALL, 64], [0, 64]]
+    algo = utils.Prehashed(hashes.SHA256())
+    _verify_raw_ecdsa(key, bytes.fromhex(str(single[3])), digest, algo)  # type: ignore[arg-type]
+    steps = _steps(calls)
+    assert steps[1] == [42, 43, 43, 43]  # every query crossed the wire
+    assert out["after_end"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
+
+
+def test_module_falls_back_to_extension_v1(
+    env: Env, calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A v1 server closes on the v2 byte: the module reconnects offering v1 and keeps
+    every mechanism (ML-DSA signs), with size queries back on the server."""
+    monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_2", 0x7F)  # a v1-only server
+    key = env.keys["mldsa"]
+    msg = b"v1 server"
+    out = env.child(_SIZE_QUERIES, _id(key), "1d", "4a", msg.hex(), "single")
+    single = _results(out["single"])
+    assert single[:3] == [[0, SIG], [CKR_BUFFER_TOO_SMALL, SIG], [0, SIG]]
+    _mldsa_pub(key).verify(bytes.fromhex(str(single[3])), msg)
+    assert _steps(calls)[1] == [42, 43, 43, 43]
