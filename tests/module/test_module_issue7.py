@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,21 +24,19 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, utils
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from modkit import SOURCE_DIR, Build, asan_build, make_module, serving
 
 from appliance.errors import SignatureInvalid
 from appliance.keys import KeyInfo, KeyState
-from appliance.keystore import PBKDF2_SHA3, calibrate
-from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from appliance.signing.policy import Policy, load_public_keys, verify
-from conftest import CHEAP_PBKDF2, PASSPHRASE, PIN, make_config, new_token
+from conftest import PIN
 from pkcs11_shim import model
 from pkcs11_shim.dispatch import dispatch
-from pkcs11_shim.model import Pkcs11Model, cka_id_of
+from pkcs11_shim.model import cka_id_of
 from pkcs11_shim.server import Server
 
 HERE = Path(__file__).resolve().parent
-SOURCE_DIR = HERE.parents[1] / "pkcs11_shim" / "c"
 SPY = Path("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so")
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 
@@ -76,52 +73,13 @@ pytestmark = [
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Build:
-    """A build of the module and the environment its client process needs."""
-
-    module: Path
-    env: dict[str, str]
-
-    def check(self, r: subprocess.CompletedProcess[bytes]) -> None:
-        """No sanitizer report (ASan exits 98, UBSan 97 here)."""
-        tail = r.stderr.decode(errors="replace")[-3000:]
-        assert r.returncode not in (97, 98), tail
-        assert b"AddressSanitizer" not in r.stderr, tail
-        assert b"runtime error" not in r.stderr, tail
-
-
-def _make(out: Path, *target: str) -> None:
-    proc = subprocess.run(
-        ["make", "-s", "-C", str(SOURCE_DIR), f"OUT={out}", "CC=gcc", *target],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
-    assert proc.stderr == b"", proc.stderr.decode()  # -Werror: no warnings either
-
-
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Build]:
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("gcc and make are needed to build libpqhsm-pkcs11.so")
-    out = tmp_path_factory.mktemp("module7")
-    _make(out)
+    out = make_module(tmp_path_factory.mktemp("module7"))
     found = {"plain": Build(out / "libpqhsm-pkcs11.so", {})}
-    runtime = subprocess.run(
-        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    if runtime.startswith("/") and Path(runtime).exists():
-        _make(out, "asan")
-        found["asan"] = Build(
-            out / "libpqhsm-pkcs11-asan.so",
-            {
-                "LD_PRELOAD": runtime,
-                "ASAN_OPTIONS": "detect_leaks=0:exitcode=98:abort_on_error=0",
-                "UBSAN_OPTIONS": "halt_on_error=1:exitcode=97:print_stacktrace=1",
-            },
-        )
+    asan = asan_build(out)
+    if asan is not None:
+        found["asan"] = asan
     return found
 
 
@@ -180,32 +138,20 @@ class Env:
 def env(
     builds: dict[str, Build], softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Env]:
-    token = new_token()
-    cfg = make_config(tmp_path_factory.mktemp("issue7") / "pqhsm", token)
-    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=CHEAP_PBKDF2)
-    app = Appliance.initialize(
-        cfg, pin=token.pin_secret(), passphrase=SecretBytes(PASSPHRASE), kdf=kdf
-    )
-    keys = {
-        "ed25519": app.create_key("ed25519", "i7-ed25519"),
-        "ed448": app.create_key("ed448", "i7-ed448"),
-        "p256": app.create_key("ecdsa-p256", "i7-p256"),
-        "hybrid": app.migrate(app.create_key("ecdsa-p256", "i7-hybrid"), KeyState.HYBRID),
-        "mldsa": app.create_key("ml-dsa-87", "i7-mldsa"),
-        "comp384": app.create_key("mldsa87-ecdsa-p384-sha512", "i7-comp384"),
-        "comp448": app.create_key("mldsa87-ed448-shake256", "i7-comp448"),
-    }
-    model = Pkcs11Model(app, client_pin=SecretBytes(PIN))
-    sockdir = Path(tempfile.mkdtemp(prefix="p11i7", dir="/tmp"))  # AF_UNIX: 107 bytes
-    server = Server(model, sockdir / "p11.sock")
-    server.start()
-    try:
+    def make_keys(app: Appliance) -> dict[str, KeyInfo]:
+        return {
+            "ed25519": app.create_key("ed25519", "i7-ed25519"),
+            "ed448": app.create_key("ed448", "i7-ed448"),
+            "p256": app.create_key("ecdsa-p256", "i7-p256"),
+            "hybrid": app.migrate(app.create_key("ecdsa-p256", "i7-hybrid"), KeyState.HYBRID),
+            "mldsa": app.create_key("ml-dsa-87", "i7-mldsa"),
+            "comp384": app.create_key("mldsa87-ecdsa-p384-sha512", "i7-comp384"),
+            "comp448": app.create_key("mldsa87-ed448-shake256", "i7-comp448"),
+        }
+
+    home = tmp_path_factory.mktemp("issue7") / "pqhsm"
+    with serving(home, make_keys, "p11i7") as (app, server, keys):
         yield Env(app, server, builds, keys)
-    finally:
-        server.close()
-        model.close()
-        app.close()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _id(key: KeyInfo) -> str:

@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,16 +25,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from modkit import SOURCE_DIR, Build, asan_build, make_module, serving, short_socket_dir
 
 from appliance.keys import KeyInfo
-from appliance.keystore import PBKDF2_SHA3, calibrate
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import CHEAP_PBKDF2, PASSPHRASE, PIN, make_config, new_token
+from conftest import PIN
 from pkcs11_shim.model import Pkcs11Model
 from pkcs11_shim.server import Server
-
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "pkcs11_shim" / "c"
 
 pytestmark = [
     pytest.mark.conformance,
@@ -47,57 +44,21 @@ pytestmark = [
 @pytest.fixture(scope="session")
 def module_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build libpqhsm-pkcs11.so with the project's Makefile into a temporary directory."""
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("gcc and make are needed to build libpqhsm-pkcs11.so")
-    out = tmp_path_factory.mktemp("module")
-    proc = subprocess.run(
-        ["make", "-s", "-C", str(SOURCE_DIR), f"OUT={out}", "CC=gcc"],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
-    assert proc.stderr == b"", proc.stderr.decode()  # -Werror: no warnings either
-    so = out / "libpqhsm-pkcs11.so"
+    so = make_module(tmp_path_factory.mktemp("module")) / "libpqhsm-pkcs11.so"
     assert so.is_file()
     return so
 
 
-@dataclass(frozen=True)
-class Flavour:
-    """A build of the module and the environment it needs in the client process."""
-
-    module: Path
-    env: dict[str, str]
-
-    def check(self, r: subprocess.CompletedProcess[bytes]) -> None:
-        """No sanitizer report (ASan exits 98, UBSan 97 here; pkcs11-tool errors exit 1)."""
-        assert r.returncode not in (97, 98), r.stderr.decode()[-3000:]
-        assert b"AddressSanitizer" not in r.stderr, r.stderr.decode()[-3000:]
-        assert b"runtime error" not in r.stderr, r.stderr.decode()[-3000:]
+Flavour = Build  # a build of the module and the environment its client process needs
 
 
 @pytest.fixture(scope="session")
 def asan_flavour(module_path: Path) -> Flavour:
     """The ``asan`` target (ASan + UBSan), preloading the runtime into pkcs11-tool."""
-    runtime = subprocess.run(
-        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    if not runtime.startswith("/") or not Path(runtime).exists():
+    asan = asan_build(module_path.parent)
+    if asan is None:
         pytest.skip("libasan is not installed")
-    proc = subprocess.run(
-        ["make", "-s", "-C", str(SOURCE_DIR), f"OUT={module_path.parent}", "CC=gcc", "asan"],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
-    env = {
-        "LD_PRELOAD": runtime,
-        "ASAN_OPTIONS": "detect_leaks=0:exitcode=98:abort_on_error=0",
-        "UBSAN_OPTIONS": "halt_on_error=1:exitcode=97:print_stacktrace=1",
-    }
-    return Flavour(module_path.parent / "libpqhsm-pkcs11-asan.so", env)
+    return asan
 
 
 @pytest.fixture(params=["plain", "asan"])
@@ -141,32 +102,13 @@ def run_tool(
     return subprocess.run([*cmd, *args], env=env, capture_output=True, timeout=60, check=False)
 
 
-def _short_socket_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="p11m", dir="/tmp"))  # AF_UNIX paths: 107 bytes
-
-
 @pytest.fixture(scope="module")
 def served(
     module_path: Path, softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    token = new_token()
-    cfg = make_config(tmp_path_factory.mktemp("own") / "pqhsm", token)
-    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=CHEAP_PBKDF2)
-    app = Appliance.initialize(
-        cfg, pin=token.pin_secret(), passphrase=SecretBytes(PASSPHRASE), kdf=kdf
-    )
-    key = app.create_key("ecdsa-p256", "own-p256")
-    model = Pkcs11Model(app, client_pin=SecretBytes(PIN))
-    sockdir = _short_socket_dir()
-    server = Server(model, sockdir / "p11.sock")
-    server.start()
-    try:
-        yield Served(app, server, key, module_path)
-    finally:
-        server.close()
-        model.close()
-        app.close()
-        shutil.rmtree(sockdir, ignore_errors=True)
+    home = tmp_path_factory.mktemp("own") / "pqhsm"
+    with serving(home, lambda app: app.create_key("ecdsa-p256", "own-p256")) as (app, srv, key):
+        yield Served(app, srv, key, module_path)
 
 
 def _verify_raw(key: KeyInfo, digest: bytes, raw: bytes) -> None:
@@ -302,7 +244,7 @@ print("after " + " ".join("%x" % v for v in res), flush=True)
 
 
 def test_init_fork_and_reconnect(served: Served, module_path: Path) -> None:
-    sockdir = _short_socket_dir()
+    sockdir = short_socket_dir()
     path = sockdir / "p11.sock"
     model = Pkcs11Model(served.app, client_pin=SecretBytes(PIN))
     server = Server(model, path)
@@ -411,7 +353,7 @@ def test_over_long_line_does_not_hide_the_next(served: Served, tmp_path: Path) -
 
 
 def test_server_down_is_a_clean_error(served: Served, tmp_path: Path) -> None:
-    sockdir = _short_socket_dir()
+    sockdir = short_socket_dir()
     model = Pkcs11Model(served.app, client_pin=SecretBytes(PIN))
     server = Server(model, sockdir / "p11.sock")
     server.start()
@@ -610,7 +552,7 @@ class FakeServer:
 
 @pytest.mark.parametrize("kind", [*_BAD_REPLIES, "bad-version"])
 def test_malformed_server_replies(flavour: Flavour, kind: str) -> None:
-    sockdir = _short_socket_dir()
+    sockdir = short_socket_dir()
     path = sockdir / "bad.sock"
     reply = _BAD_REPLIES.get(kind, _BAD_REPLIES["garbage"])
     fake = FakeServer(path, reply, version=1 if kind == "bad-version" else 0)
@@ -683,7 +625,7 @@ class MutatingProxy(FakeServer):
 def test_mutated_replies_never_crash(
     served: Served, asan_flavour: Flavour, tmp_path: Path, seed: int
 ) -> None:
-    sockdir = _short_socket_dir()
+    sockdir = short_socket_dir()
     proxy = MutatingProxy(sockdir / "mut.sock", served.server.path, seed)
     env = {**served.env, **asan_flavour.env, "PQHSM_SERVER_ADDRESS": f"unix:path={proxy.path}"}
     digest = hashlib.sha256(b"mutated").digest()
@@ -705,7 +647,7 @@ def test_mutated_replies_never_crash(
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind missing")
 @pytest.mark.parametrize("kind", ["garbage", "slots-truncated", "slots-huge-count", "close"])
 def test_valgrind_malformed_server(module_path: Path, kind: str) -> None:
-    sockdir = _short_socket_dir()
+    sockdir = short_socket_dir()
     path = sockdir / "bad.sock"
     fake = FakeServer(path, _BAD_REPLIES[kind])
     env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}

@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +22,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from modkit import asan_build, make_module, serving
 
 from appliance.keys import KeyInfo, KeyState
-from appliance.keystore import PBKDF2_SHA3, calibrate
-from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import CHEAP_PBKDF2, PASSPHRASE, PIN, make_config, new_token
-from pkcs11_shim.model import Pkcs11Model, cka_id_of
+from conftest import PIN
+from pkcs11_shim.model import cka_id_of
 from pkcs11_shim.server import Server
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "pkcs11_shim" / "c"
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 
 pytestmark = [
@@ -44,18 +41,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ext_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("gcc and make are needed to build libpqhsm-pkcs11.so")
-    out = tmp_path_factory.mktemp("extmodule")
-    proc = subprocess.run(
-        ["make", "-s", "-C", str(SOURCE_DIR), f"OUT={out}", "CC=gcc"],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
-    assert proc.stderr == b"", proc.stderr.decode()
-    return out / "libpqhsm-pkcs11.so"
+    return make_module(tmp_path_factory.mktemp("extmodule")) / "libpqhsm-pkcs11.so"
 
 
 @dataclass
@@ -84,30 +70,18 @@ class Ext:
 def ext(
     ext_module: Path, softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Ext]:
-    token = new_token()
-    cfg = make_config(tmp_path_factory.mktemp("ext") / "pqhsm", token)
-    kdf = calibrate(PBKDF2_SHA3, pbkdf2_iterations=CHEAP_PBKDF2)
-    app = Appliance.initialize(
-        cfg, pin=token.pin_secret(), passphrase=SecretBytes(PASSPHRASE), kdf=kdf
-    )
-    keys = {
-        "ed25519": app.create_key("ed25519", "x-ed25519"),
-        "ed448": app.create_key("ed448", "x-ed448"),
-        "p256": app.create_key("ecdsa-p256", "x-p256"),
-        "hybrid": app.migrate(app.create_key("ecdsa-p256", "x-hybrid"), KeyState.HYBRID),
-        "mldsa": app.create_key("ml-dsa-87", "x-mldsa"),
-    }
-    model = Pkcs11Model(app, client_pin=SecretBytes(PIN))
-    sockdir = Path(tempfile.mkdtemp(prefix="p11x", dir="/tmp"))
-    server = Server(model, sockdir / "p11.sock")
-    server.start()
-    try:
+    def make_keys(app: Appliance) -> dict[str, KeyInfo]:
+        return {
+            "ed25519": app.create_key("ed25519", "x-ed25519"),
+            "ed448": app.create_key("ed448", "x-ed448"),
+            "p256": app.create_key("ecdsa-p256", "x-p256"),
+            "hybrid": app.migrate(app.create_key("ecdsa-p256", "x-hybrid"), KeyState.HYBRID),
+            "mldsa": app.create_key("ml-dsa-87", "x-mldsa"),
+        }
+
+    home = tmp_path_factory.mktemp("ext") / "pqhsm"
+    with serving(home, make_keys, "p11x") as (app, server, keys):
         yield Ext(app, server, ext_module, keys)
-    finally:
-        server.close()
-        model.close()
-        app.close()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def test_mechanism_list_has_extension_mechanisms(ext: Ext) -> None:
@@ -229,25 +203,10 @@ def build(request: pytest.FixtureRequest, ext: Ext) -> tuple[Path, dict[str, str
     """The plain module, or the ASan + UBSan build with its runtime preloaded."""
     if request.param == "plain":
         return ext.module, {}
-    runtime = subprocess.run(
-        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    if not runtime.startswith("/") or not Path(runtime).exists():
+    asan = asan_build(ext.module.parent)
+    if asan is None:
         pytest.skip("libasan is not installed")
-    out = ext.module.parent
-    proc = subprocess.run(
-        ["make", "-s", "-C", str(SOURCE_DIR), f"OUT={out}", "CC=gcc", "asan"],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr.decode() + proc.stdout.decode()
-    env = {
-        "LD_PRELOAD": runtime,
-        "ASAN_OPTIONS": "detect_leaks=0:exitcode=98:abort_on_error=0",
-        "UBSAN_OPTIONS": "halt_on_error=1:exitcode=97:print_stacktrace=1",
-    }
-    return out / "libpqhsm-pkcs11-asan.so", env
+    return asan.module, asan.env
 
 
 def _run_script(
