@@ -494,50 +494,14 @@ def object_attributes(key: KeyInfo, cls: int) -> dict[int, AttrValue]:
     pub = load_spki(key.classical_spki)
     if not isinstance(pub, ec.EllipticCurvePublicKey):
         raise CkrError(CKR.DEVICE_ERROR)
-    point = pub.public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    attrs: dict[int, AttrValue] = {
-        CKA_CLASS: cls,
-        CKA_TOKEN: True,
-        CKA_PRIVATE: cls == CKO_PRIVATE_KEY,
-        CKA_LABEL: key.label.encode("utf-8"),
-        CKA_ID: key.cka_id or b"",
-        CKA_KEY_TYPE: CKK_EC,
-        CKA_SUBJECT: b"",
-        CKA_LOCAL: key.origin == "generated",
-        CKA_KEY_GEN_MECHANISM: CKM_EC_KEY_PAIR_GEN if key.origin == "generated" else UNAVAILABLE,
-        CKA_MODIFIABLE: False,
-        CKA_COPYABLE: False,
-        CKA_DESTROYABLE: False,
-        CKA_DERIVE: False,
-        CKA_EC_PARAMS: der_oid(alg.curve_oid),
-        CKA_ALLOWED_MECHANISMS: (CKM_ECDSA,),
-    }
-    if cls == CKO_PRIVATE_KEY:
-        attrs.update(
-            {
-                CKA_SENSITIVE: True,
-                CKA_ALWAYS_SENSITIVE: True,
-                CKA_EXTRACTABLE: False,
-                CKA_NEVER_EXTRACTABLE: True,
-                CKA_SIGN: True,
-                CKA_SIGN_RECOVER: False,
-                CKA_DECRYPT: False,
-                CKA_UNWRAP: False,
-                CKA_ALWAYS_AUTHENTICATE: False,
-            }
+    attrs = _common(key, cls, CKK_EC, CKM_EC_KEY_PAIR_GEN)
+    attrs[CKA_EC_PARAMS] = der_oid(alg.curve_oid)
+    attrs[CKA_ALLOWED_MECHANISMS] = (CKM_ECDSA,)
+    if cls == CKO_PUBLIC_KEY:
+        point = pub.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
-    else:
-        attrs.update(
-            {
-                CKA_EC_POINT: _der_octet_string(point),
-                CKA_VERIFY: True,
-                CKA_VERIFY_RECOVER: False,
-                CKA_ENCRYPT: False,
-                CKA_WRAP: False,
-            }
-        )
+        attrs[CKA_EC_POINT] = _der_octet_string(point)
     return attrs
 
 
