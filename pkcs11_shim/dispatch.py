@@ -194,16 +194,21 @@ def _sign_init(c: Client, r: Reader, w: Writer) -> None:
         c.sign_init(s, mech, key)
 
 
+def _output(w: Writer, size: int | None, need: int, produce: Callable[[], bytes]) -> None:
+    """PKCS#11 5.2 output conventions: a size query (no buffer) or a buffer shorter than
+    ``need`` gets the length and leaves the operation active; else ``produce()``."""
+    if size is None or size < need:
+        w.ay(None, need)
+    else:
+        w.ay(produce())
+
+
 def _sign(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     data = r.ay()
     size = r.fy()
     r.done()
-    need = c.sign_length(s)
-    if size is None or size < need:
-        w.ay(None, need)  # the operation stays active (PKCS#11 5.2 size conventions)
-        return
-    w.ay(c.sign(s, data))
+    _output(w, size, c.sign_length(s), lambda: c.sign(s, data))
 
 
 def _sign_update(c: Client, r: Reader, w: Writer) -> None:
@@ -217,11 +222,7 @@ def _sign_final(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     size = r.fy()
     r.done()
-    need = c.sign_length(s)
-    if size is None or size < need:
-        w.ay(None, need)  # the operation stays active
-        return
-    w.ay(c.sign_final(s))
+    _output(w, size, c.sign_length(s), lambda: c.sign_final(s))
 
 
 def _digest_init(c: Client, r: Reader, w: Writer) -> None:
@@ -236,11 +237,7 @@ def _digest(c: Client, r: Reader, w: Writer) -> None:
     data = r.ay()
     size = r.fy()
     r.done()
-    need = c.digest_length(s)
-    if size is None or size < need:
-        w.ay(None, need)  # the operation stays active
-        return
-    w.ay(c.digest(s, data))
+    _output(w, size, c.digest_length(s), lambda: c.digest(s, data))
 
 
 def _digest_update(c: Client, r: Reader, w: Writer) -> None:
@@ -254,11 +251,7 @@ def _digest_final(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     size = r.fy()
     r.done()
-    need = c.digest_length(s)
-    if size is None or size < need:
-        w.ay(None, need)
-        return
-    w.ay(c.digest_final(s))
+    _output(w, size, c.digest_length(s), lambda: c.digest_final(s))
 
 
 def _verify_init(c: Client, r: Reader, w: Writer) -> None:
