@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pkcs11_shim.launch import throwaway_init_args
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "pkcs11_shim" / "c"
 DRIVER = ROOT / "tests" / "module" / "driver.c"
@@ -159,14 +161,7 @@ def main() -> int:
             capture_output=True,
         )
 
-    pq(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(secrets),
-        "--pbkdf2-iterations",
-        "1000",
-    )
+    pq(*throwaway_init_args(secrets))
     pq("key", "create", "--type", "ecdsa-p256", "--label", "b-ec")
     pq("key", "create", "--type", "ed25519", "--label", "b-ed")
     pq("key", "create", "--type", "ml-dsa-87", "--label", "b-ml")

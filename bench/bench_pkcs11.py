@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pkcs11_shim.launch import child_env, serve_argv
+from pkcs11_shim.launch import child_env, serve_argv, throwaway_init_args
 
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 #: Each setup runs in this many alternating windows of SECONDS / ROUNDS.
@@ -155,14 +155,7 @@ def main() -> int:
             capture_output=True,
         )
 
-    pq(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(secrets),
-        "--pbkdf2-iterations",
-        "1000",
-    )
+    pq(*throwaway_init_args(secrets))
     pq("key", "create", "--type", "ecdsa-p256", "--label", "bench")
     unlock = ["--passphrase-file", str(secrets / "passphrase")]
     pq("key", "create", "--type", "ml-dsa-87", "--label", "bench-mldsa", *unlock)

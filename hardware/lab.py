@@ -42,7 +42,7 @@ from appliance.keys import KeyState
 from hardware.relay import Relay
 from hardware.relay_sim import PoweredProcess, RelaySimulator
 from hardware.transport import Transport
-from pkcs11_shim.launch import child_env
+from pkcs11_shim.launch import child_env, throwaway_init_args
 
 __all__ = [
     "CHECK",
@@ -218,15 +218,7 @@ def make_home(root: Path, keys: Sequence[tuple[str, str]]) -> tuple[Path, Path]:
     Returns ``(home, secrets)``.
     """
     home, secrets = root / "pqhsm", root / "secrets"
-    run_pqhsm(
-        home,
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(secrets),
-        "--pbkdf2-iterations",
-        "1000",
-    )
+    run_pqhsm(home, *throwaway_init_args(secrets))
     if keys:
         # One child for all keys (not one `pqhsm key create` each): a campaign template or a
         # matrix target makes up to a dozen, and every process start costs a token login.

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["child_env", "serve_argv"]
+__all__ = ["child_env", "serve_argv", "throwaway_init_args"]
 
 
 def child_env() -> dict[str, str]:
@@ -21,6 +21,20 @@ def child_env() -> dict[str, str]:
     return {
         k: v for k, v in os.environ.items() if not k.startswith("PQHSM_") and k != "SOFTHSM2_CONF"
     }
+
+
+def throwaway_init_args(secrets: Path) -> list[str]:
+    """``pqhsm init`` arguments for a throw-away appliance: an embedded SoftHSM2 token,
+    generated secrets written to ``secrets``, and a KDF cut to 1000 PBKDF2 iterations
+    (tests, benchmarks and lab runs only: never for keys that matter)."""
+    return [
+        "init",
+        "--embedded-softhsm",
+        "--generate-secrets",
+        str(secrets),
+        "--pbkdf2-iterations",
+        "1000",
+    ]
 
 
 def serve_argv(

@@ -27,7 +27,7 @@ from typing import Final
 
 import pytest
 
-from pkcs11_shim.launch import child_env, serve_argv
+from pkcs11_shim.launch import child_env, serve_argv, throwaway_init_args
 
 __all__ = ["CLIENT_MODULE", "PqhsmServer", "pqhsm_server"]
 
@@ -82,15 +82,7 @@ def pqhsm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PqhsmServ
     home, secrets = root / "home", root / "secrets"
     # Unix socket paths are limited to 108 bytes; pytest's temp folders can be longer
     run = Path(tempfile.mkdtemp(prefix="pqhsm-"))
-    _run(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(secrets),
-        "--pbkdf2-iterations",
-        "1000",
-        home=home,
-    )
+    _run(*throwaway_init_args(secrets), home=home)
     _run("key", "create", "--type", "ecdsa-p256", "--label", TEST_KEY_LABEL, home=home)
     sock = run / "p11.sock"
     server = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
