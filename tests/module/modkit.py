@@ -7,6 +7,7 @@ where two modules named ``conftest`` would clash.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -77,6 +78,14 @@ def asan_build(out: Path) -> Build | None:
         "UBSAN_OPTIONS": "halt_on_error=1:exitcode=97:print_stacktrace=1",
     }
     return Build(out / "libpqhsm-pkcs11-asan.so", env)
+
+
+def module_env(address: str) -> dict[str, str]:
+    """This process's environment for a client of libpqhsm-pkcs11.so at ``address``
+    (``unix:path=…``), without p11-kit's own server variable."""
+    env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}
+    env["PQHSM_SERVER_ADDRESS"] = address
+    return env
 
 
 def short_socket_dir(prefix: str = "p11m") -> Path:

@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, utils
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from modkit import SOURCE_DIR, Build, asan_build, make_module, serving
+from modkit import SOURCE_DIR, Build, asan_build, make_module, module_env, serving
 
 from appliance.errors import SignatureInvalid
 from appliance.keys import KeyInfo, KeyState
@@ -102,9 +102,7 @@ class Env:
         return self.builds["plain"].module
 
     def env(self, build: Build | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}
-        env["PQHSM_SERVER_ADDRESS"] = self.server.address
-        return {**env, **(build.env if build else {})}
+        return {**module_env(self.server.address), **(build.env if build else {})}
 
     def tool(
         self, *args: str, build: Build | None = None, extra: dict[str, str] | None = None

@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from modkit import SOURCE_DIR, Build, asan_build, make_module, serving, short_socket_dir
+from modkit import SOURCE_DIR, Build, asan_build, make_module, module_env, serving, short_socket_dir
 
 from appliance.keys import KeyInfo
 from appliance.secret import SecretBytes
@@ -78,9 +78,7 @@ class Served:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}
-        env["PQHSM_SERVER_ADDRESS"] = self.server.address
-        return env
+        return module_env(self.server.address)
 
     def tool(
         self, *args: str, login: bool = False, pin: bytes = PIN, wrap: tuple[str, ...] = ()
@@ -556,8 +554,7 @@ def test_malformed_server_replies(flavour: Flavour, kind: str) -> None:
     path = sockdir / "bad.sock"
     reply = _BAD_REPLIES.get(kind, _BAD_REPLIES["garbage"])
     fake = FakeServer(path, reply, version=1 if kind == "bad-version" else 0)
-    env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}
-    env["PQHSM_SERVER_ADDRESS"] = f"unix:path={path}"
+    env = module_env(f"unix:path={path}")
     env.update(flavour.env)
     try:
         r = run_tool(flavour.module, env, "-L")
@@ -650,8 +647,7 @@ def test_valgrind_malformed_server(module_path: Path, kind: str) -> None:
     sockdir = short_socket_dir()
     path = sockdir / "bad.sock"
     fake = FakeServer(path, _BAD_REPLIES[kind])
-    env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}
-    env["PQHSM_SERVER_ADDRESS"] = f"unix:path={path}"
+    env = module_env(f"unix:path={path}")
     try:
         r = run_tool(module_path, env, "-L", wrap=VALGRIND)
     finally:

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from modkit import asan_build, make_module, serving
+from modkit import asan_build, make_module, module_env, serving
 
 from appliance.keys import KeyInfo, KeyState
 from appliance.service import Appliance
@@ -53,9 +53,7 @@ class Ext:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "P11_KIT_SERVER_ADDRESS"}
-        env["PQHSM_SERVER_ADDRESS"] = self.server.address
-        return env
+        return module_env(self.server.address)
 
     def tool(self, *args: str, login: bool = False) -> subprocess.CompletedProcess[bytes]:
         cmd = ["pkcs11-tool", "--module", str(self.module)]
