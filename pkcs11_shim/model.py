@@ -398,6 +398,21 @@ def _mechanism_context(mech: Mechanism, key: KeyInfo, part: str) -> bytes:
     return context
 
 
+def _signature_length(mech: int, key: KeyInfo) -> int:
+    """What a size query answers for ``mech`` with ``key``: the signature's length, or for
+    dual and composite signatures (DER ECDSA parts vary) their longest."""
+    if mech == CKM_ML_DSA:
+        return MLDSA87_SIG_LEN
+    if mech == CKM_EDDSA:
+        return 64 if key.classical_alg == "ed25519" else 114
+    if mech in (CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE):
+        classical = _MAX_CLASSICAL_SIG.get(key.classical_alg or "", 0)
+        if mech == CKM_PQHSM_DUAL:
+            return _DUAL_OVERHEAD + classical + MLDSA87_SIG_LEN
+        return MLDSA87_SIG_LEN + classical
+    return 2 * parse_alg(key.classical_alg or "").coord_len
+
+
 def _der_octet_string(data: bytes) -> bytes:
     n = len(data)
     if n < 0x80:
@@ -881,7 +896,8 @@ class Client:
 
     # -- signing -------------------------------------------------------------------------
 
-    def sign_init(self, handle: int, mech: Mechanism, key_handle: int) -> None:
+    def sign_init(self, handle: int, mech: Mechanism, key_handle: int) -> KeyInfo:
+        """Start a signing operation; the key it signs with."""
         s = self._session(handle)
         if s.sign.key is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
@@ -895,13 +911,14 @@ class Client:
             raise CkrError(CKR.KEY_FUNCTION_NOT_PERMITTED)
         context = _mechanism_context(mech, key, part)
         s.sign.start(key.key_id, mech.type, context)
+        return key
 
     def sign_init_sized(self, handle: int, mech: Mechanism, key_handle: int) -> int:
         """``sign_init``, then the length every size query on the operation will get (the
         extension's C_SignInit reply carries it, so the module answers them itself)."""
-        self.sign_init(handle, mech, key_handle)
+        key = self.sign_init(handle, mech, key_handle)
         try:
-            return self.sign_length(handle)
+            return _signature_length(mech.type, key)
         except BaseException:
             self._session(handle).sign.end()  # no operation the client was not told of
             raise
@@ -915,17 +932,7 @@ class Client:
         s = self._session(handle)
         if s.sign.key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        key = self.model.app.key(s.sign.key)
-        if s.sign.mech == CKM_ML_DSA:
-            return MLDSA87_SIG_LEN
-        if s.sign.mech == CKM_EDDSA:
-            return 64 if key.classical_alg == "ed25519" else 114
-        if s.sign.mech in (CKM_PQHSM_DUAL, CKM_PQHSM_COMPOSITE):
-            classical = _MAX_CLASSICAL_SIG.get(key.classical_alg or "", 0)
-            if s.sign.mech == CKM_PQHSM_DUAL:
-                return _DUAL_OVERHEAD + classical + MLDSA87_SIG_LEN
-            return MLDSA87_SIG_LEN + classical
-        return 2 * parse_alg(key.classical_alg or "").coord_len
+        return _signature_length(s.sign.mech, self.model.app.key(s.sign.key))
 
     def sign(self, handle: int, data: bytes | None) -> bytes:
         """Single-part ``C_Sign``; ends the operation.
