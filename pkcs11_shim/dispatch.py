@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Final
 
 from appliance.errors import CKR, ApplianceError, to_ckr
@@ -358,8 +359,24 @@ _VERIFY_CALLS: Final = frozenset({49, 51})
 #: CKM_ECDSA, CKM_ECDSA_SHA256/384/512, CKM_EDDSA: one token call (or one classical
 #: verification), well under 1 ms.
 _CLASSICAL_MECHANISMS: Final = frozenset({0x1041, 0x1044, 0x1045, 0x1046, 0x1057})
+#: Calls up to C_OpenSession name no session (nor does C_CloseAllSessions, 12).
+_LAST_SESSIONLESS: Final = 10
+#: Calls that change the connection's login state, session table or objects.
+_ALONE_CALLS: Final = frozenset({1, 2, 12, 18, 19, 22, 59})
 #: A body this large is hashed or signed for long enough to leave the event loop.
 _LONG_BODY: Final = 64 * 1024
+
+
+def _session_of(body: bytes) -> int | None:
+    """The session handle a request names first (every call from C_CloseSession on,
+    except C_CloseAllSessions), or None; never raises."""
+    call_id = int.from_bytes(body[:4], "big")
+    if call_id <= _LAST_SESSIONLESS or call_id == 12:
+        return None
+    at = 8 + int.from_bytes(body[4:8], "big")  # call id, signature string, then the session
+    if len(body) < at + 8:
+        return None
+    return int.from_bytes(body[at : at + 8], "big")
 
 
 def runs_long(client: Client, body: bytes) -> bool:
@@ -381,15 +398,45 @@ def runs_long(client: Client, body: bytes) -> bool:
         return False
     if signing and body[-4:] == b"\0\0\0\0":
         return False
-    at = 8 + int.from_bytes(body[4:8], "big")  # call id, signature string, then the session
-    if len(body) < at + 12:
-        return False
-    session = client.sessions.get(int.from_bytes(body[at : at + 8], "big"))
+    handle = _session_of(body)
+    session = None if handle is None else client.sessions.get(handle)
     if session is None:
         return False
     if signing:
         return session.sign.key is not None and session.sign.mech not in _CLASSICAL_MECHANISMS
     return session.verify.key is not None and session.verify.mech not in _CLASSICAL_MECHANISMS
+
+
+class Plan(IntEnum):
+    """How a multiplexed connection (extension v3) runs one request."""
+
+    #: On the event loop, now, beside the connection's calls in flight.
+    INLINE = 0
+    #: On a worker, while the connection's later requests go on being served.
+    PARALLEL = 1
+    #: On the event loop once nothing of the connection's is in flight.
+    INLINE_ALONE = 2
+    #: On a worker once nothing is in flight; later requests wait for it.
+    ALONE = 3
+
+
+def plan(client: Client, body: bytes) -> tuple[Plan, int | None]:
+    """How to run ``body`` on a multiplexed connection, and the session it names.
+
+    Only single signatures and verifications that run long go beside other calls: they
+    touch their own session's operation and the appliance (which serves every connection
+    at once already), never the connection's session table or login state.  Calls that
+    change those (C_Initialize, C_Finalize, C_CloseAllSessions, C_Login, C_Logout,
+    C_GenerateKeyPair, C_DestroyObject) and every other long call run alone.  The caller
+    also holds back a request whose session has a call in flight (PKCS#11 sessions are
+    serial).  Never raises.
+    """
+    session = _session_of(body)
+    call_id = int.from_bytes(body[:4], "big")
+    if runs_long(client, body):
+        parallel = call_id in _SIGNING_CALLS or call_id in _VERIFY_CALLS
+        return (Plan.PARALLEL if parallel else Plan.ALONE), session
+    return (Plan.INLINE_ALONE if call_id in _ALONE_CALLS else Plan.INLINE), session
 
 
 def dispatch(client: Client, body: bytes) -> bytes:

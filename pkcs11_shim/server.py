@@ -2,8 +2,8 @@
 
 The socket file is 0600 inside a directory only its owner can enter (0700), and every
 peer's uid (``SO_PEERCRED``) must be ours or root's.  After the one-byte version handshake
-(the client offers 0, p11-kit, or 0x50, the pqhsm extension of libpqhsm-pkcs11.so, and we
-echo it; any other byte closes the connection), the client sends frames as three writes
+(the client offers 0, p11-kit, or 0x50-0x52, the pqhsm extension of libpqhsm-pkcs11.so, and
+we echo it; any other byte closes the connection), the client sends frames as three writes
 (header, options, body).  A frame that does not parse closes that connection only; every
 other client keeps being served.
 
@@ -17,7 +17,12 @@ signature 430 µs inline, 660 µs through the pool).  Calls that may take long
 fsync, ML-DSA, dual and composite signing, which ``cryptography`` does without the GIL,
 and messages over 64 KiB) go to a small worker pool; the connection is taken out of the
 loop until its reply is ready, so a client never has two calls in flight, and the loop
-keeps serving everyone else.  Replies that do not fit the socket buffer wait in the
+keeps serving everyone else.  A multiplexed connection (extension v3) is the exception:
+its client may have several calls out at once (one per application thread), so the loop
+keeps reading it, answers its short calls at once and runs its long signatures and
+verifications of different sessions side by side, each worker sending its reply as soon
+as it is ready (:func:`~pkcs11_shim.dispatch.plan` says which requests must wait for the
+calls in flight).  Replies that do not fit the socket buffer wait in the
 connection's output buffer (``EPOLLOUT``); no thread ever blocks on a slow reader.
 
 Against a thread per connection (slice 1) this cut the syscalls per message (one
@@ -44,12 +49,13 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
 from appliance.errors import ConfigError
-from pkcs11_shim.dispatch import dispatch, runs_long
+from pkcs11_shim.dispatch import Plan, dispatch, plan, runs_long
 from pkcs11_shim.model import Client, Pkcs11Model
 from pkcs11_shim.options import DEFAULT_IDLE_TIMEOUT
 from pkcs11_shim.rpc import HEADER, MAX_MESSAGE, ProtocolError, encode_frame
@@ -65,7 +71,12 @@ PROTOCOL_VERSION: Final = 0
 #: either version keep working against this server.
 EXTENSION_VERSION: Final = 0x50
 EXTENSION_VERSION_2: Final = 0x51
+#: v3: v2, and the connection is multiplexed: a client may send requests while earlier
+#: ones run, and replies come back as they are ready, each with its request's code.
+EXTENSION_VERSION_3: Final = 0x52
 MAX_CONNECTIONS: Final = 64
+#: Calls of one multiplexed connection running on workers at once; more wait their turn.
+MAX_IN_FLIGHT: Final = 16
 #: Bytes taken from a socket per ``recv`` (a whole frame of the usual calls).
 _RECV_CHUNK: Final = 256 * 1024
 #: Worker threads for the long calls: enough to keep every core signing ML-DSA and
@@ -86,7 +97,13 @@ def _check_socket_dir(directory: Path) -> None:
 
 class _Conn:
     """One client connection, owned by the loop thread except while ``busy``: then the
-    worker running its call owns it, and answers on its socket (see _reply_from_worker)."""
+    worker running its call owns it, and answers on its socket (see _reply_from_worker).
+
+    A multiplexed connection (extension v3, ``mux``) also has calls running on workers
+    while the loop goes on serving it (``inflight``, on the sessions ``running``); those
+    workers send their replies under ``lock``, which guards the socket's sends, ``outbuf``,
+    ``inflight``, ``running`` and ``stalled`` (a request waits for in-flight calls).
+    """
 
     __slots__ = (
         "armed",
@@ -96,8 +113,13 @@ class _Conn:
         "fd",
         "handshaken",
         "inbuf",
+        "inflight",
+        "lock",
+        "mux",
         "outbuf",
+        "running",
         "sock",
+        "stalled",
     )
 
     def __init__(self, sock: socket.socket, client: Client, deadline: float) -> None:
@@ -110,12 +132,17 @@ class _Conn:
         self.busy = False  # a worker is running this connection's call
         self.deadline = deadline  # idle timeout: closed when no byte arrives by then
         self.armed = 0  # the events registered with epoll (0: not registered)
+        self.mux = False
+        self.inflight = 0
+        self.running: set[int | None] = set()
+        self.stalled = False
+        self.lock = threading.Lock()
 
     def mask(self) -> int:
         """The epoll events this connection waits for now."""
         if self.outbuf:
             return _OUT  # no new request until the last reply is out (bounds memory)
-        return 0 if self.busy else _IN
+        return 0 if self.busy or self.stalled else _IN
 
 
 class Server:
@@ -142,6 +169,9 @@ class Server:
         self._wake_r, self._wake_w = -1, -1
         self._conns: dict[int, _Conn] = {}
         self._done: collections.deque[tuple[_Conn, bytes | None, str | None]] = collections.deque()
+        #: Multiplexed connections a worker handed back: a waiting request, a reply left
+        #: in ``outbuf``, or an error (then the connection is closed).
+        self._mux_done: collections.deque[tuple[_Conn, str | None]] = collections.deque()
         self._pool: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
         self._loop_thread: threading.Thread | None = None
@@ -227,6 +257,7 @@ class Server:
                         with contextlib.suppress(BlockingIOError):
                             os.read(wake, 4096)
                         self._finish_long_calls()
+                        self._finish_parallel_calls()
                 now = time.monotonic()
                 if now >= next_sweep:
                     self._expire_idle(now)
@@ -236,7 +267,8 @@ class Server:
             self._closing.set()
 
     def _expire_idle(self, now: float) -> None:
-        for conn in [c for c in self._conns.values() if not c.busy and c.deadline <= now]:
+        idle = [c for c in self._conns.values() if c.deadline <= now]
+        for conn in [c for c in idle if not c.busy and not c.inflight]:
             log.info("closing a PKCS#11 connection idle for %g s", self.idle_timeout)
             self._drop(conn)
 
@@ -321,16 +353,17 @@ class Server:
         :raises ProtocolError: the connection must be closed.
         """
         buf = conn.inbuf
-        while not conn.busy and not conn.outbuf and conn.fd in self._conns:
+        while not (conn.busy or conn.outbuf or conn.stalled) and conn.fd in self._conns:
             if not conn.handshaken:
                 if not buf:
                     return
                 version = buf[0]
                 del buf[:1]
                 log.debug("client offers protocol version %d", version)
-                if version in (EXTENSION_VERSION, EXTENSION_VERSION_2):
+                if version in (EXTENSION_VERSION, EXTENSION_VERSION_2, EXTENSION_VERSION_3):
                     conn.client.extended = True
-                    conn.client.sized_sign_init = version == EXTENSION_VERSION_2
+                    conn.client.sized_sign_init = version != EXTENSION_VERSION
+                    conn.mux = version == EXTENSION_VERSION_3
                 elif version != PROTOCOL_VERSION:
                     raise ProtocolError(f"unsupported protocol version {version}")
                 conn.handshaken = True
@@ -348,19 +381,97 @@ class Server:
             if len(buf) < end:
                 return
             body = bytes(buf[start:end])
+            if conn.mux:
+                if not self._start_mux(conn, code, body):
+                    return  # the request stays in the buffer until it may run
+                del buf[:end]
+                continue
             del buf[:end]
             if runs_long(conn.client, body):
                 conn.busy = True
                 self._rearm(conn)
-                pool = self._pool
-                try:
-                    if pool is None:
-                        raise RuntimeError("no worker pool")
-                    pool.submit(self._long_call, conn, code, body)
-                except RuntimeError:  # the server is closing: this client is done
-                    self._drop(conn)
+                self._submit(conn, self._long_call, conn, code, body)
                 return
             self._send(conn, encode_frame(code, dispatch(conn.client, body)))
+
+    def _submit(self, conn: _Conn, call: Callable[..., None], *args: object) -> None:
+        pool = self._pool
+        try:
+            if pool is None:
+                raise RuntimeError("no worker pool")
+            pool.submit(call, *args)
+        except RuntimeError:  # the server is closing: this client is done
+            self._drop(conn)
+
+    def _start_mux(self, conn: _Conn, code: int, body: bytes) -> bool:
+        """Run or hand off one request of a multiplexed connection; False when it must
+        wait for calls in flight (the connection then stops reading: ``stalled``).
+
+        :raises ProtocolError: the connection must be closed.
+        """
+        how, session = plan(conn.client, body)
+        with conn.lock:
+            if conn.inflight and (
+                how in (Plan.ALONE, Plan.INLINE_ALONE)
+                or session in conn.running
+                or (how is Plan.PARALLEL and conn.inflight >= MAX_IN_FLIGHT)
+            ):
+                conn.stalled = True
+            elif how is Plan.PARALLEL:
+                conn.inflight += 1
+                conn.running.add(session)
+        if conn.stalled:
+            self._rearm(conn)
+            return False
+        if how is Plan.INLINE or how is Plan.INLINE_ALONE:
+            self._send(conn, encode_frame(code, dispatch(conn.client, body)))
+            return True
+        if how is Plan.ALONE:
+            conn.busy = True
+            self._rearm(conn)
+            self._submit(conn, self._long_call, conn, code, body)
+        else:
+            self._submit(conn, self._parallel_call, conn, code, body, session)
+        return True
+
+    def _parallel_call(self, conn: _Conn, code: int, body: bytes, session: int | None) -> None:
+        """Worker side of a multiplexed connection's call: run it and send its reply,
+        beside the loop and other workers serving the same connection."""
+        error = None
+        try:
+            frame = encode_frame(code, dispatch(conn.client, body))
+        except ProtocolError as exc:
+            frame, error = b"", str(exc)
+        except Exception as exc:  # dispatch turns failures into replies; a bug must not
+            log.exception("PKCS#11 worker failed: %s", type(exc).__name__)  # hang a client
+            frame, error = b"", "internal error"
+        with conn.lock:
+            conn.inflight -= 1
+            conn.running.discard(session)
+            if frame and not conn.outbuf and not self._closing.is_set():
+                try:
+                    frame = frame[conn.sock.send(frame) :]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    frame = b""  # the connection is gone; the loop has dropped or drops it
+            conn.outbuf += frame
+            handback = error is not None or conn.stalled or bool(conn.outbuf)
+        if handback:
+            self._mux_done.append((conn, error))
+            self._wake()
+
+    def _finish_parallel_calls(self) -> None:
+        while self._mux_done:
+            conn, error = self._mux_done.popleft()
+            if self._conns.get(conn.fd) is not conn:
+                continue  # dropped meanwhile
+            if error is not None:
+                log.warning("closing a PKCS#11 connection: %s", error)
+                self._drop(conn)
+                continue
+            conn.stalled = False
+            self._resume(conn, b"")
 
     def _long_call(self, conn: _Conn, code: int, body: bytes) -> None:
         """Worker side: run one call and answer it, or queue the reply for the loop."""
@@ -422,35 +533,44 @@ class Server:
                 log.warning("closing a PKCS#11 connection: %s", error)
                 self._drop(conn)
                 continue
-            try:
-                self._send(conn, frame)
-                self._process(conn)  # frames that arrived with the long call
-            except ProtocolError as exc:
-                log.warning("closing a PKCS#11 connection: %s", exc)
-                self._drop(conn)
-            except OSError as exc:
-                log.info("PKCS#11 connection ended: %s", type(exc).__name__)
-                self._drop(conn)
+            self._resume(conn, frame)
+
+    def _resume(self, conn: _Conn, reply: bytes) -> None:
+        """Send ``reply`` (if any), then serve the frames that waited in the buffer."""
+        try:
+            if reply:
+                self._send(conn, reply)
+            else:
+                self._rearm(conn)
+            self._process(conn)
+        except ProtocolError as exc:
+            log.warning("closing a PKCS#11 connection: %s", exc)
+            self._drop(conn)
+        except OSError as exc:
+            log.info("PKCS#11 connection ended: %s", type(exc).__name__)
+            self._drop(conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
         """Send now what the socket takes; keep the rest for ``EPOLLOUT``."""
-        if conn.outbuf:
-            conn.outbuf += data
-            return
-        try:
-            n = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        if n < len(data):
-            conn.outbuf += data[n:]
+        with conn.lock:
+            if conn.outbuf:
+                conn.outbuf += data
+                return
+            try:
+                n = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n < len(data):
+                conn.outbuf += data[n:]
         self._rearm(conn)
 
     def _flush(self, conn: _Conn) -> None:
-        try:
-            n = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        del conn.outbuf[:n]
+        with conn.lock:
+            try:
+                n = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            del conn.outbuf[:n]
 
     def _drop(self, conn: _Conn) -> None:
         if self._conns.get(conn.fd) is conn:
@@ -459,7 +579,7 @@ class Server:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(conn.fd)
             conn.armed = 0
-        with contextlib.suppress(OSError):
+        with conn.lock, contextlib.suppress(OSError):  # no worker is sending on it now
             conn.sock.close()
 
     def _teardown(self) -> None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -46,7 +47,7 @@ from appliance.service import Appliance
 from conftest import PIN
 from pkcs11_shim import model as model_module
 from pkcs11_shim.dispatch import CALLS
-from pkcs11_shim.model import SLOT_ID, CkrError, Client, Pkcs11Model
+from pkcs11_shim.model import SLOT_ID, CkrError, Client, Pkcs11Model, cka_id_of
 from pkcs11_shim.rpc import HANDSHAKE, Attribute, AttrValue, Mechanism, Reader, request_body
 from pkcs11_shim.server import Server
 
@@ -57,17 +58,21 @@ CKO_PRIVATE_KEY = 3
 CKM_ECDSA, CKM_SHA256 = 0x1041, 0x250
 #: How many live frames the fuzz test sends (issue 6: "thousands of cases").
 FUZZ_EXAMPLES = 2500
+#: Hypothesis settings of the fuzz tests over live connections (reproducible runs).
+LIVE_FUZZ = settings(
+    deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
 
 
 class Peer:
     """A raw p11-kit RPC connection (what a misbehaving client can send)."""
 
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path, timeout: float = 10.0, version: int = 0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self.sock.sendall(b"\x00")
-        if self.sock.recv(1) != b"\x00":
+        self.sock.sendall(bytes((version,)))
+        if self.sock.recv(1) != bytes((version,)):
             raise ConnectionError("no handshake")
         self.code = 0
 
@@ -104,7 +109,7 @@ class Peer:
         return session
 
     def find_private(self, session: int, key: KeyInfo) -> int:
-        assert key.cka_id is not None
+        cka_id = cka_id_of(key)
         template = (
             _u32(CKA_CLASS)
             + b"\x01"
@@ -112,9 +117,9 @@ class Peer:
             + _u64(CKO_PRIVATE_KEY)
             + _u32(CKA_ID)
             + b"\x01"
-            + _u32(len(key.cka_id))
-            + _u32(len(key.cka_id))
-            + key.cka_id
+            + _u32(len(cka_id))
+            + _u32(len(cka_id))
+            + cka_id
         )
         self.ok(26, "uaA", _u64(session) + _u32(2) + template)
         found = self.ok(27, "ufu", _u64(session) + _u32(4)).au()
@@ -137,19 +142,26 @@ class Live:
     key: KeyInfo
 
 
-@pytest.fixture
-def live(appliance: Appliance) -> Iterator[Live]:
-    key = appliance.create_key("ecdsa-p256", "live-p256")
+@contextlib.contextmanager
+def serving_model(appliance: Appliance) -> Iterator[Server]:
+    """A started :class:`Server` over ``appliance`` on a short socket path."""
     model = Pkcs11Model(appliance, client_pin=SecretBytes(PIN))
     sockdir = Path(tempfile.mkdtemp(prefix="p11"))  # short: AF_UNIX paths max 107 bytes
     server = Server(model, sockdir / "p11.sock")
     server.start()
     try:
-        yield Live(appliance, server, key)
+        yield server
     finally:
         server.close()
         model.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.fixture
+def live(appliance: Appliance) -> Iterator[Live]:
+    key = appliance.create_key("ecdsa-p256", "live-p256")
+    with serving_model(appliance) as server:
+        yield Live(appliance, server, key)
 
 
 def _check_signature(key: KeyInfo, digest: bytes, raw: bytes) -> None:
@@ -259,13 +271,7 @@ def test_live_fuzz_never_stops_the_server(live: Live, caplog: pytest.LogCaptureF
 
     connect()
 
-    @settings(
-        max_examples=FUZZ_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-        database=None,
-    )
+    @settings(LIVE_FUZZ, max_examples=FUZZ_EXAMPLES)
     @given(st.data())
     def one(data: st.DataObject) -> None:
         fresh = data.draw(st.integers(0, 49)) == 0  # a fresh connection now and then
@@ -296,9 +302,15 @@ def test_live_fuzz_never_stops_the_server(live: Live, caplog: pytest.LogCaptureF
     digest = os.urandom(32)
     _check_signature(live.key, digest, canary.sign(c_session, c_key, digest))
     canary.close()
-    assert live.server._loop_thread is not None
-    assert live.server._loop_thread.is_alive()
     assert seen["replies"] > FUZZ_EXAMPLES // 4, seen
+    assert_survived(live.server, seen, caplog)
+
+
+def assert_survived(server: Server, seen: dict[str, int], caplog: pytest.LogCaptureFixture) -> None:
+    """After a fuzz run: the loop is alive, frames did close connections, and the log
+    holds no PIN, internal error or traceback."""
+    assert server._loop_thread is not None
+    assert server._loop_thread.is_alive()
     assert seen["closed"] > 10, seen
     assert PIN.decode() not in caplog.text
     assert "internal error" not in caplog.text

@@ -1,0 +1,302 @@
+"""Multiplexed connections (pqhsm extension v3, version byte 0x52): one connection carries
+the calls of many application threads at once.
+
+A client on such a connection may send requests while earlier ones run; the server answers
+short calls on its event loop at once, runs long signatures and verifications of different
+sessions side by side on its workers, and sends every reply as soon as it is ready, with
+its request's code.  Calls of one session stay in order, and calls that change what every
+session sees (login state, the session table, objects) wait until nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import mldsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from p11raw import ay as _ay
+from p11raw import u32 as _u32
+from p11raw import u64 as _u64
+from test_server_live import LIVE_FUZZ, Peer, _frames, assert_survived, serving_model
+
+from appliance.keys import KeyInfo
+from appliance.service import Appliance
+from pkcs11_shim import dispatch as dispatch_module
+from pkcs11_shim.model import SLOT_ID
+from pkcs11_shim.rpc import Reader, request_body
+from pkcs11_shim.server import EXTENSION_VERSION_3, Server
+
+pytestmark = [pytest.mark.conformance, pytest.mark.softhsm]
+
+CKM_ML_DSA = 0x1D
+NULL = 0xFFFFFFFF
+
+
+class MuxPeer(Peer):
+    """A raw connection that speaks extension v3: requests go out without waiting."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, timeout=20, version=EXTENSION_VERSION_3)
+        self.code = 1000
+
+    @staticmethod
+    def wire(code: int, call_id: int, sig: str, fields: bytes) -> bytes:
+        body = request_body(call_id, sig, fields)
+        return struct.pack(">III", code, 6, len(body)) + b"client" + body
+
+    def reply(self) -> tuple[int, Reader]:
+        code, olen, blen = struct.unpack(">III", self.recv_exact(12))
+        return code, Reader(self.recv_exact(olen + blen)[olen:])
+
+    def setup(self, sessions: int) -> list[int]:
+        """Sessions (the first one logged in: login is per application)."""
+        handles = [self.login_session()]
+        handles += [self.ok(10, "uu", _u64(SLOT_ID) + _u64(0x6)).u() for _ in range(sessions - 1)]
+        return handles
+
+    def sign_init(self, session: int, key: int) -> int:
+        """C_SignInit for ML-DSA-87; the extended reply is the signature length."""
+        return self.ok(42, "uMu", _u64(session) + _u32(CKM_ML_DSA) + _u32(NULL) + _u64(key)).u()
+
+    def try_sign_init(self, session: int, key: int) -> bool:
+        """C_SignInit for ML-DSA-87; False on an error reply or a closed connection."""
+        self.code += 1
+        fields = _u64(session) + _u32(CKM_ML_DSA) + _u32(NULL) + _u64(key)
+        try:
+            self.sock.sendall(self.wire(self.code, 42, "uMu", fields))
+            code, r = self.reply()
+        except OSError:
+            return False
+        return code == self.code and r.call_id == 42
+
+    def sign_frame(self, code: int, session: int, message: bytes) -> bytes:
+        return self.wire(code, 43, "uayfy", _u64(session) + _ay(message) + _u32(8192))
+
+
+@dataclass
+class Mux:
+    app: Appliance
+    server: Server
+    key: KeyInfo
+
+    def peer(self) -> MuxPeer:
+        return MuxPeer(self.server.path)
+
+    def check(self, signature: bytes | None, message: bytes) -> None:
+        assert signature is not None
+        assert self.key.pqc_public is not None
+        mldsa.MLDSA87PublicKey.from_public_bytes(self.key.pqc_public).verify(signature, message)
+
+    def still_signs(self, message: bytes) -> None:
+        """A new client signs ``message`` with the ML-DSA key and the signature verifies."""
+        peer = self.peer()
+        (s,) = peer.setup(1)
+        peer.sign_init(s, peer.find_private(s, self.key))
+        peer.sock.sendall(peer.sign_frame(700, s, message))
+        code, r = peer.reply()
+        assert code == 700
+        self.check(r.ay(), message)
+        peer.close()
+
+
+@pytest.fixture
+def mux(appliance: Appliance) -> Iterator[Mux]:
+    key = appliance.create_key("ml-dsa-87", "mux-mldsa")
+    with serving_model(appliance) as server:
+        yield Mux(appliance, server, key)
+
+
+def test_short_replies_overtake_signatures_in_flight(mux: Mux) -> None:
+    p = mux.peer()
+    s1, s2, s3 = p.setup(3)
+    key = p.find_private(s1, mux.key)
+    assert p.sign_init(s1, key) == p.sign_init(s2, key) == 4627
+    m1, m2 = os.urandom(40), os.urandom(41)
+    p.sock.sendall(
+        p.sign_frame(101, s1, m1)
+        + p.sign_frame(102, s2, m2)
+        + p.wire(103, 13, "u", _u64(s3))  # C_GetSessionInfo, on a third session
+    )
+    replies = dict(p.reply() for _ in range(3))
+    order = list(replies)
+    assert order[0] == 103  # answered on the loop while both signatures ran
+    assert sorted(order[1:]) == [101, 102]
+    assert replies[103].call_id == 13
+    mux.check(replies[101].ay(), m1)
+    mux.check(replies[102].ay(), m2)
+    p.close()
+
+
+@pytest.mark.parametrize(
+    ("call_id", "on"),
+    [(13, "same"), (19, "other")],
+    ids=["same-session call", "logout on another session"],
+)
+def test_calls_wait_for_the_signature_in_flight(mux: Mux, call_id: int, on: str) -> None:
+    """C_GetSessionInfo on the signing session waits for the signature (a session's calls
+    stay in order); so does C_Logout on another session (it changes every session's
+    login state): the signature is made while logged in, the next one is refused."""
+    p = mux.peer()
+    s1, s2 = p.setup(2)
+    key = p.find_private(s1, mux.key)
+    p.sign_init(s1, key)
+    m = os.urandom(32)
+    second = p.wire(302, call_id, "u", _u64(s1 if on == "same" else s2))
+    p.sock.sendall(p.sign_frame(301, s1, m) + second)
+    (c1, r1), (c2, r2) = p.reply(), p.reply()
+    assert (c1, c2) == (301, 302)
+    mux.check(r1.ay(), m)
+    assert r2.call_id == call_id
+    if call_id == 19:
+        init = _u64(s1) + _u32(CKM_ML_DSA) + _u32(NULL) + _u64(key)
+        p.sock.sendall(p.wire(303, 42, "uMu", init))
+        code, r3 = p.reply()
+        assert code == 303
+        assert r3.call_id == 0  # an error reply:
+        assert r3.u() == 0x101  # CKR_USER_NOT_LOGGED_IN
+
+
+def test_signatures_of_different_sessions_overlap(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four signatures sent at once run on workers side by side (a slowed dispatch makes
+    the overlap certain), and every one is right."""
+    running, peak, lock = [0], [0], threading.Lock()
+    real = dispatch_module.dispatch
+
+    def slow_dispatch(client: object, body: bytes) -> bytes:
+        slow = int.from_bytes(body[:4], "big") == 43
+        if slow:
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.2)
+        try:
+            return real(client, body)  # type: ignore[arg-type]
+        finally:
+            if slow:
+                with lock:
+                    running[0] -= 1
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", slow_dispatch)
+    p = mux.peer()
+    sessions = p.setup(4)
+    key = p.find_private(sessions[0], mux.key)
+    messages = {}
+    for i, s in enumerate(sessions):
+        p.sign_init(s, key)
+        messages[400 + i] = os.urandom(16 + i)
+    p.sock.sendall(
+        b"".join(p.sign_frame(c, s, messages[c]) for c, s in zip(messages, sessions, strict=True))
+    )
+    replies = dict(p.reply() for _ in sessions)
+    assert sorted(replies) == sorted(messages)
+    for code, r in replies.items():
+        mux.check(r.ay(), messages[code])
+    assert peak[0] >= 2
+
+
+def _read_until_closed(peer: MuxPeer) -> None:
+    for _ in range(10):
+        peer.reply()
+
+
+def test_a_client_gone_mid_flight_leaves_the_server_serving(mux: Mux) -> None:
+    gone = mux.peer()
+    sessions = gone.setup(3)
+    key = gone.find_private(sessions[0], mux.key)
+    for s in sessions:
+        gone.sign_init(s, key)
+    gone.sock.sendall(b"".join(gone.sign_frame(500 + s, s, b"bye") for s in sessions))
+    gone.close()  # before any reply
+    bad = mux.peer()
+    (s,) = bad.setup(1)
+    bad.sign_init(s, bad.find_private(s, mux.key))
+    bad.sock.sendall(bad.sign_frame(600, s, b"x") + b"\xff" * 40)  # then garbage
+    with pytest.raises(ConnectionError):  # the garbage closes that connection
+        _read_until_closed(bad)
+    mux.still_signs(b"still here")
+
+
+#: Examples of the multiplexed fuzz: each sends a batch of 3-5 frames at once.
+MUX_FUZZ_EXAMPLES = 400
+
+
+def test_fuzz_batches_beside_signatures_in_flight(
+    mux: Mux, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Generated frames (test_server_live's generator) sent in one write between two real
+    ML-DSA signatures, so they meet calls in flight: every reply carries one of the
+    batch's codes once and echoes its call or is an error; real signatures verify; a
+    frame that does not parse closes only its connection; the server keeps serving."""
+    caplog.set_level(logging.DEBUG)
+    state: dict[str, tuple[MuxPeer, list[int], int] | None] = {"peer": None}
+    seen = {"replies": 0, "closed": 0, "signed": 0}
+
+    def connect() -> tuple[MuxPeer, list[int], int]:
+        peer = mux.peer()
+        sessions = peer.setup(3)
+        key = peer.find_private(sessions[0], mux.key)
+        state["peer"] = (peer, sessions, key)
+        return peer, sessions, key
+
+    @settings(LIVE_FUZZ, max_examples=MUX_FUZZ_EXAMPLES)
+    @given(st.data())
+    def one(data: st.DataObject) -> None:
+        current = state["peer"]
+        peer, sessions, key = current if current is not None else connect()
+        bodies = data.draw(st.lists(_frames([sessions[2], key]), min_size=1, max_size=3))
+        if not all(peer.try_sign_init(s, key) for s in sessions[:2]):
+            peer.close()  # the last batch logged out, or left an operation active
+            peer, sessions, key = connect()
+            for s in sessions[:2]:
+                peer.sign_init(s, key)
+        s1, s2, _ = sessions
+        peer.code += 10
+        m1, m2 = os.urandom(8), os.urandom(9)
+        batch: dict[int, tuple[int, bytes | None]] = {
+            peer.code + 1: (43, m1),
+            peer.code + 2: (43, m2),
+        }
+        wire = peer.sign_frame(peer.code + 1, s1, m1)
+        for i, body in enumerate(bodies):
+            code = peer.code + 3 + i
+            batch[code] = (int.from_bytes(body[:4], "big"), None)
+            wire += struct.pack(">III", code, 6, len(body)) + b"client" + body
+        wire += peer.sign_frame(peer.code + 2, s2, m2)
+        peer.code += 3 + len(bodies)
+        answered: set[int] = set()
+        try:
+            peer.sock.sendall(wire)
+            while len(answered) < len(batch):
+                code, r = peer.reply()
+                assert code in batch
+                assert code not in answered
+                answered.add(code)
+                call_id, message = batch[code]
+                assert r.call_id in (0, call_id)
+                if message is not None and r.call_id == 43:
+                    mux.check(r.ay(), message)
+                    seen["signed"] += 1
+                seen["replies"] += 1
+        except (ConnectionError, BrokenPipeError, ConnectionResetError):
+            seen["closed"] += 1  # a malformed frame closes its connection only
+            peer.close()
+            state["peer"] = None
+
+    one()
+    current = state["peer"]
+    if current is not None:
+        current[0].close()
+    mux.still_signs(b"after the fuzz")
+    assert seen["signed"] > MUX_FUZZ_EXAMPLES // 4, seen
+    assert_survived(mux.server, seen, caplog)
