@@ -3,9 +3,11 @@
  *
  * Forwards PKCS#11 calls over a Unix socket to the appliance's front end
  * (python -m pkcs11_shim serve), speaking the p11-kit 0.24 RPC protocol (offering the
- * pqhsm extension, version byte 0x50, and accepting a plain version-0 answer),
+ * pqhsm extension, version bytes 0x52 to 0x50, and accepting a plain version-0 answer),
  * exactly as p11-kit's client module encodes it (DESIGN §8).  One connection per
- * process, one request at a time (a pthread mutex around every call).
+ * process.  With a server that speaks extension v3 the connection is multiplexed: each
+ * thread sends its request and waits for the reply with its request's code, so the
+ * threads of an application sign side by side; otherwise one request at a time.
  *
  * Every reply field is bounds-checked; anything malformed, truncated or out of order
  * becomes CKR_DEVICE_ERROR and drops the connection, which the next call reopens.
@@ -38,6 +40,7 @@
 #define IO_TIMEOUT_SECONDS 30
 #define EXTENSION_VERSION 0x50   /* pqhsm extension v1 (README.md) */
 #define EXTENSION_VERSION_2 0x51 /* v2: C_SignInit replies the signature length */
+#define EXTENSION_VERSION_3 0x52 /* v3: v2, multiplexed (replies matched by code) */
 #define MAX_SIGN_CONTEXT 255u
 #define PARAM_MAX (12u + MAX_SIGN_CONTEXT)
 
@@ -84,11 +87,45 @@ enum {
 
 /* ---------------------------------------------------------------- global state -- */
 
+/*
+ * g_lock guards every global below and every conn and waiter.  A thread holds it for
+ * its whole PKCS#11 call, except on a multiplexed connection while it sends (under
+ * g_send_lock, so frames never interleave) and while it waits for its reply.
+ */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_send_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_initialized;
 static pid_t g_pid;
-static int g_fd = -1;
 static uint32_t g_code;
+
+/* A request sent on a multiplexed connection, waiting for its reply (on its stack). */
+typedef struct waiter {
+    struct waiter *next;
+    uint32_t code;
+    int done;      /* the reply arrived (body set) or the connection broke (body NULL) */
+    uint8_t *body; /* the reply's body (malloc'ed), options dropped */
+    uint32_t blen;
+    pthread_cond_t cond;
+} waiter;
+
+/*
+ * One connection to the server.  g_conn holds a reference; so does each thread using
+ * the socket outside g_lock.  A broken connection is shut down at once (which wakes its
+ * reader) and closed when its last user lets go, so no thread ever uses a closed or
+ * reused descriptor.  On a multiplexed connection one waiting thread at a time reads
+ * (`reading`) and hands every reply to the waiter with its code.
+ */
+typedef struct conn {
+    int fd;
+    int refs;
+    int broken;
+    int mux;
+    int reading;
+    waiter *waiters;
+} conn;
+
+static conn *g_conn;
+static unsigned g_generation; /* counts connections: state kept per connection checks it */
 static int g_atfork_registered;
 static int g_sized; /* the server speaks extension v2: C_SignInit replies the length */
 
@@ -139,9 +176,23 @@ static void sign_op_remember(CK_SESSION_HANDLE h, CK_ULONG length)
     g_sign_ops[i].used = 1;
 }
 
-static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
-static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
-static void atfork_child(void) { pthread_mutex_unlock(&g_lock); }
+static void atfork_prepare(void)
+{
+    pthread_mutex_lock(&g_lock);
+    pthread_mutex_lock(&g_send_lock);
+}
+
+static void atfork_parent(void)
+{
+    pthread_mutex_unlock(&g_send_lock);
+    pthread_mutex_unlock(&g_lock);
+}
+
+static void atfork_child(void)
+{
+    pthread_mutex_unlock(&g_send_lock);
+    pthread_mutex_unlock(&g_lock);
+}
 
 /* ------------------------------------------------------------- request builder -- */
 
@@ -322,13 +373,38 @@ static int r_done(rbuf *r) { return !r->bad && r->pos == r->len; }
 
 /* ----------------------------------------------------------------- transport -- */
 
+static void conn_unref(conn *c)
+{
+    if (--c->refs == 0) {
+        close(c->fd);
+        free(c);
+    }
+}
+
+/* Break c: its waiters fail (CKR_DEVICE_ERROR) and, if current, the next call reconnects. */
+static void conn_fail(conn *c)
+{
+    if (!c->broken) {
+        c->broken = 1;
+        shutdown(c->fd, SHUT_RDWR);
+        for (waiter *w = c->waiters; w != NULL; w = w->next)
+            if (!w->done) {
+                w->done = 1;
+                pthread_cond_signal(&w->cond);
+            }
+    }
+    if (g_conn == c) {
+        g_conn = NULL;
+        g_sized = 0;
+        sign_ops_clear(); /* the server's sessions went with the connection */
+        conn_unref(c);
+    }
+}
+
 static void disconnect(void)
 {
-    if (g_fd >= 0)
-        close(g_fd);
-    g_fd = -1;
-    g_sized = 0;
-    sign_ops_clear(); /* the server's sessions went with the connection */
+    if (g_conn != NULL)
+        conn_fail(g_conn);
 }
 
 static int send_all(int fd, const void *p, size_t n)
@@ -471,6 +547,93 @@ static int parse_address(struct sockaddr_un *sa, const conf_t *conf)
 
 static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *reply);
 
+/* Read one reply frame: its code and body (malloc'ed); -1 when the socket or frame is bad. */
+static int read_frame(int fd, uint32_t *code, uint8_t **body, uint32_t *blen)
+{
+    uint8_t hdr[12];
+    if (recv_all(fd, hdr, sizeof(hdr)) < 0)
+        return -1;
+    rbuf h = {hdr, sizeof(hdr), 0, 0};
+    uint32_t rcode = r_u32(&h), olen = r_u32(&h), n = r_u32(&h);
+    if (olen > MAX_MESSAGE || n > MAX_MESSAGE || n < 8)
+        return -1;
+    uint8_t *buf = malloc(olen > n ? olen : n);
+    if (buf == NULL)
+        return -1;
+    if ((olen && recv_all(fd, buf, olen) < 0) || recv_all(fd, buf, n) < 0) {
+        free(buf);
+        return -1;
+    }
+    *code = rcode;
+    *body = buf;
+    *blen = n;
+    return 0;
+}
+
+/*
+ * Multiplexed: send the frame, then wait for the reply with its code, reading replies
+ * for every waiting thread while none else does.  Called and returns with g_lock held
+ * (released meanwhile) and a reference on c; 0 with the reply's body, or -1 (c broke).
+ */
+static int mux_exchange(conn *c, uint32_t code, struct iovec *iov, uint8_t **body,
+                        uint32_t *blen)
+{
+    waiter w;
+    memset(&w, 0, sizeof(w));
+    w.code = code;
+    if (pthread_cond_init(&w.cond, NULL) != 0) {
+        conn_fail(c);
+        return -1;
+    }
+    w.next = c->waiters;
+    c->waiters = &w;
+    pthread_mutex_unlock(&g_lock);
+    pthread_mutex_lock(&g_send_lock);
+    int sent = sendv_all(c->fd, iov, 3) == 0;
+    pthread_mutex_unlock(&g_send_lock);
+    pthread_mutex_lock(&g_lock);
+    if (!sent)
+        conn_fail(c);
+    while (!w.done) {
+        if (c->reading) {
+            pthread_cond_wait(&w.cond, &g_lock);
+            continue;
+        }
+        c->reading = 1;
+        pthread_mutex_unlock(&g_lock);
+        uint32_t rcode = 0, n = 0;
+        uint8_t *b = NULL;
+        int got = read_frame(c->fd, &rcode, &b, &n) == 0;
+        pthread_mutex_lock(&g_lock);
+        c->reading = 0;
+        waiter *t = c->waiters;
+        while (got && t != NULL && t->code != rcode)
+            t = t->next;
+        if (!got || t == NULL || t->done) { /* unreadable, or a code nobody waits for */
+            free(b);
+            conn_fail(c);
+            break;
+        }
+        t->body = b;
+        t->blen = n;
+        t->done = 1;
+        if (t != &w)
+            pthread_cond_signal(&t->cond);
+    }
+    waiter **pp = &c->waiters;
+    while (*pp != &w)
+        pp = &(*pp)->next;
+    *pp = w.next;
+    if (!c->reading && c->waiters != NULL) /* hand the reading on */
+        pthread_cond_signal(&c->waiters->cond);
+    pthread_cond_destroy(&w.cond);
+    if (w.body == NULL)
+        return -1;
+    *body = w.body;
+    *blen = w.blen;
+    return 0;
+}
+
 /* A connected socket that agreed on a version byte (offered, or 0), or -1. */
 static int negotiate(const struct sockaddr_un *sa, uint8_t offer, uint8_t *agreed)
 {
@@ -502,8 +665,9 @@ static CK_RV connect_server(void)
     if (parse_address(&sa, &conf) < 0)
         return CKR_DEVICE_ERROR;
     /*
-     * Offer the pqhsm extension, v2 first; a server that only knows v1 closes on 0x51,
-     * so v1 is offered next; a plain p11-kit server answers 0 (version 0 only).
+     * Offer the pqhsm extension, v3 first; a server that does not know a version closes
+     * the connection, so v2 and v1 are offered next; a plain p11-kit server answers 0
+     * (version 0 only).
      * PQHSM_EXTENSION=off offers version 0: the connection then shows exactly what
      * p11-kit-client.so shows (for clients such as libp11 0.4.12 that stop enumerating
      * keys at the first key type they do not know); so does "extension = off" in the
@@ -512,25 +676,37 @@ static CK_RV connect_server(void)
     const char *ext = getenv("PQHSM_EXTENSION");
     int off = (ext != NULL && *ext != '\0') ? strcmp(ext, "off") == 0 : conf.extension_off == 1;
     uint8_t version = 0;
-    int fd = negotiate(&sa, off ? 0 : EXTENSION_VERSION_2, &version);
+    int fd = negotiate(&sa, off ? 0 : EXTENSION_VERSION_3, &version);
+    if (fd < 0 && !off)
+        fd = negotiate(&sa, EXTENSION_VERSION_2, &version);
     if (fd < 0 && !off)
         fd = negotiate(&sa, EXTENSION_VERSION, &version);
     if (fd < 0)
         return CKR_DEVICE_ERROR;
-    g_fd = fd;
-    g_sized = version == EXTENSION_VERSION_2;
+    conn *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        close(fd);
+        return CKR_DEVICE_ERROR;
+    }
+    c->fd = fd;
+    c->refs = 1;
+    g_conn = c;
+    g_generation++;
+    g_sized = version == EXTENSION_VERSION_2 || version == EXTENSION_VERSION_3;
     wbuf w;
     rbuf r;
     w_begin(&w, CALL_Initialize, "ayyay");
     w_ay(&w, HANDSHAKE, sizeof(HANDSHAKE) - 1);
     w_u8(&w, 0);         /* reserved string present: no */
     w_ay(&w, NULL, 0);   /* reserved string */
-    CK_RV rv = transact(&w, CALL_Initialize, "", &r);
+    CK_RV rv = transact(&w, CALL_Initialize, "", &r); /* not multiplexed yet */
     if (rv == CKR_OK && !r_done(&r))
         rv = CKR_DEVICE_ERROR;
     free(r.data);
     if (rv != CKR_OK)
         disconnect();
+    else
+        c->mux = version == EXTENSION_VERSION_3;
     return rv;
 }
 
@@ -546,13 +722,14 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
         free(req->data);
         return req->too_big ? CKR_ARGUMENTS_BAD : CKR_HOST_MEMORY;
     }
-    if (g_fd < 0) {
+    if (g_conn == NULL) {
         CK_RV rv = connect_server();
         if (rv != CKR_OK) {
             free(req->data);
             return CKR_DEVICE_ERROR;
         }
     }
+    conn *c = g_conn;
     uint32_t code = ++g_code;
     wbuf head;
     memset(&head, 0, sizeof(head));
@@ -565,25 +742,21 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
         {(void *)MODULE_NAME, sizeof(MODULE_NAME) - 1},
         {req->data, req->len},
     };
-    int ok = !head.failed && sendv_all(g_fd, iov, 3) == 0;
+    uint8_t *buf = NULL;
+    uint32_t blen = 0, rcode = code;
+    int ok = !head.failed;
+    c->refs++; /* c stays valid until this call is done with it, even once broken */
+    if (ok && c->mux)
+        ok = mux_exchange(c, code, iov, &buf, &blen) == 0;
+    else if (ok)
+        ok = sendv_all(c->fd, iov, 3) == 0 && read_frame(c->fd, &rcode, &buf, &blen) == 0;
     free(head.data);
     free(req->data);
-    if (!ok)
-        goto broken;
-
-    uint8_t hdr[12];
-    if (recv_all(g_fd, hdr, sizeof(hdr)) < 0)
-        goto broken;
-    rbuf h = {hdr, sizeof(hdr), 0, 0};
-    uint32_t rcode = r_u32(&h), olen = r_u32(&h), blen = r_u32(&h);
-    if (rcode != code || olen > MAX_MESSAGE || blen > MAX_MESSAGE || blen < 8)
-        goto broken;
-    uint8_t *buf = malloc(olen > blen ? olen : blen);
-    if (buf == NULL)
-        goto broken;
-    if ((olen && recv_all(g_fd, buf, olen) < 0) || recv_all(g_fd, buf, blen) < 0) {
+    if (!ok || rcode != code) {
         free(buf);
-        goto broken;
+        conn_fail(c);
+        conn_unref(c);
+        return CKR_DEVICE_ERROR;
     }
     reply->data = buf;
     reply->len = blen;
@@ -601,17 +774,19 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
             goto malformed;
         free(reply->data);
         memset(reply, 0, sizeof(*reply));
+        conn_unref(c);
         return err;
     }
     if (got_id != call_id || siglen != strlen(reply_sig) || memcmp(sig, reply_sig, siglen) != 0)
         goto malformed;
+    conn_unref(c);
     return CKR_OK;
 
 malformed:
     free(reply->data);
     memset(reply, 0, sizeof(*reply));
-broken:
-    disconnect();
+    conn_fail(c);
+    conn_unref(c);
     return CKR_DEVICE_ERROR;
 }
 
@@ -951,10 +1126,15 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         return CKR_CRYPTOKI_ALREADY_INITIALIZED;
     }
     if (g_initialized) {
-        /* A forked child: the inherited connection belongs to the parent. */
-        if (g_fd >= 0)
-            close(g_fd);
-        g_fd = -1;
+        /* A forked child: the inherited connection (and its waiters, threads of the
+         * parent) belongs to the parent; only our copy of the descriptor is closed. */
+        if (g_conn != NULL) {
+            close(g_conn->fd);
+            free(g_conn);
+        }
+        g_conn = NULL;
+        g_sized = 0;
+        sign_ops_clear();
         g_initialized = 0;
     }
     CK_RV rv = connect_server();
@@ -971,7 +1151,7 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved)
     if (pReserved != NULL)
         return CKR_ARGUMENTS_BAD;
     ENTER();
-    if (g_fd >= 0) {
+    if (g_conn != NULL) {
         wbuf w;
         w_begin(&w, CALL_Finalize, "");
         (void)simple_call(&w, CALL_Finalize); /* best effort */
@@ -1375,7 +1555,7 @@ static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
     if (prv != CKR_OK)
         return prv;
     ENTER();
-    if (g_fd < 0 && connect_server() != CKR_OK) /* the reply form depends on the server */
+    if (g_conn == NULL && connect_server() != CKR_OK) /* the reply form depends on the server */
         LEAVE(CKR_DEVICE_ERROR);
     wbuf w;
     w_begin(&w, call_id, "uMu");
@@ -1387,12 +1567,15 @@ static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
         LEAVE(simple_call(&w, call_id));
     /* extended C_SignInit replies "u": the length size queries will be answered */
     rbuf r;
+    unsigned generation = g_generation;
     CK_RV rv = transact(&w, call_id, "u", &r);
     if (rv != CKR_OK)
         LEAVE(rv);
     CK_ULONG length = r_ulong(&r);
     rv = finish(&r, CKR_OK);
-    if (rv == CKR_OK && length > 0 && length < MAX_MESSAGE)
+    /* (while this thread waited, another may have seen the connection break and opened
+     * a new one: this operation died with the old one) */
+    if (rv == CKR_OK && length > 0 && length < MAX_MESSAGE && generation == g_generation)
         sign_op_remember(hSession, length);
     LEAVE(rv);
 }

@@ -8,10 +8,11 @@
  *   driver overhead SOCKET_PATH N
  *       Times N C_GetSessionInfo calls through the module and N raw round trips of the
  *       same request frame on a socket of its own, and prints both medians in ns.
- *   driver mldsa PIN LABEL SECONDS
+ *   driver mldsa PIN LABEL SECONDS [THREADS]
  *       Signs a 64-byte message with CKM_ML_DSA (the ML-DSA key labelled LABEL) into a
  *       4627-byte buffer for SECONDS (C_SignInit + C_Sign: two round trips, no size
- *       query) and prints the count and each latency in ns, one per line.
+ *       query) and prints the count and each latency in ns, one per line.  With
+ *       THREADS (default 1), that many threads sign at once, each on its own session.
  *   driver echo SOCKET_PATH
  *       A canned-reply server (answers C_Initialize, C_OpenSession, C_GetSessionInfo,
  *       C_CloseSession and C_Finalize at once, in C): run overhead against it to time
@@ -24,6 +25,7 @@
 #define _GNU_SOURCE
 #include "pkcs11.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -299,8 +301,42 @@ static int overhead(const char *path, long n)
     return 0;
 }
 
-static int mldsa_rate(const char *pin, const char *label, double seconds)
+typedef struct {
+    CK_FUNCTION_LIST *fl;
+    CK_SESSION_HANDLE session;
+    CK_OBJECT_HANDLE key;
+    double seconds;
+    size_t count;
+    uint64_t *t;
+} signer;
+
+/* One thread: sign a 64-byte message with CKM_ML_DSA on its own session for `seconds`. */
+static void *sign_loop(void *arg)
 {
+    signer *g = arg;
+    CK_BYTE msg[64], sig[4627];
+    for (int i = 0; i < 64; i++)
+        msg[i] = (CK_BYTE)i;
+    CK_MECHANISM m = {CKM_ML_DSA, NULL, 0};
+    size_t cap = 1 << 20;
+    g->t = malloc(cap * sizeof(*g->t));
+    if (g->t == NULL)
+        die("malloc", 0);
+    uint64_t end = now_ns() + (uint64_t)(g->seconds * 1e9);
+    while (now_ns() < end && g->count < cap) {
+        uint64_t a = now_ns();
+        CK_ULONG len = sizeof(sig);
+        CHECK(g->fl->C_SignInit(g->session, &m, g->key));
+        CHECK(g->fl->C_Sign(g->session, msg, sizeof(msg), sig, &len));
+        g->t[g->count++] = now_ns() - a;
+    }
+    return NULL;
+}
+
+static int mldsa_rate(const char *pin, const char *label, double seconds, int threads)
+{
+    if (threads < 1 || threads > 64)
+        die("thread count", (CK_RV)threads);
     CK_FUNCTION_LIST *fl;
     CHECK(C_GetFunctionList(&fl));
     CHECK(fl->C_Initialize(NULL));
@@ -319,26 +355,31 @@ static int mldsa_rate(const char *pin, const char *label, double seconds)
     CHECK(fl->C_FindObjectsFinal(s));
     if (n != 1)
         die("find", n);
-    CK_BYTE msg[64], sig[4627];
-    for (int i = 0; i < 64; i++)
-        msg[i] = (CK_BYTE)i;
-    CK_MECHANISM m = {CKM_ML_DSA, NULL, 0};
-    size_t cap = 1 << 20, count = 0;
-    uint64_t *t = malloc(cap * sizeof(*t));
-    if (t == NULL)
-        die("malloc", 0);
-    uint64_t end = now_ns() + (uint64_t)(seconds * 1e9);
-    while (now_ns() < end && count < cap) {
-        uint64_t a = now_ns();
-        CK_ULONG len = sizeof(sig);
-        CHECK(fl->C_SignInit(s, &m, key));
-        CHECK(fl->C_Sign(s, msg, sizeof(msg), sig, &len));
-        t[count++] = now_ns() - a;
+    signer g[64];
+    pthread_t tid[64];
+    memset(g, 0, sizeof(g));
+    for (int i = 0; i < threads; i++) {
+        g[i].fl = fl;
+        g[i].key = key;
+        g[i].seconds = seconds;
+        g[i].session = s;
+        if (i > 0)
+            CHECK(fl->C_OpenSession(1, CKF_SERIAL_SESSION, NULL, NULL, &g[i].session));
     }
-    printf("%zu\n", count);
-    for (size_t i = 0; i < count; i++)
-        printf("%lu\n", (unsigned long)t[i]);
-    free(t);
+    for (int i = 0; i < threads; i++)
+        if (pthread_create(&tid[i], NULL, sign_loop, &g[i]) != 0)
+            die("pthread_create", 0);
+    size_t total = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(tid[i], NULL);
+        total += g[i].count;
+    }
+    printf("%zu\n", total);
+    for (int i = 0; i < threads; i++) {
+        for (size_t j = 0; j < g[i].count; j++)
+            printf("%lu\n", (unsigned long)g[i].t[j]);
+        free(g[i].t);
+    }
     CHECK(fl->C_Finalize(NULL));
     return 0;
 }
@@ -411,15 +452,15 @@ int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[1], "echo") == 0)
         echo(argv[2]);
-    if (argc == 5 && strcmp(argv[1], "mldsa") == 0)
-        return mldsa_rate(argv[2], argv[3], atof(argv[4]));
+    if ((argc == 5 || argc == 6) && strcmp(argv[1], "mldsa") == 0)
+        return mldsa_rate(argv[2], argv[3], atof(argv[4]), argc == 6 ? atoi(argv[5]) : 1);
     if (argc == 5 && strcmp(argv[1], "check") == 0)
         return check(argv[2], argv[3], argv[4]);
     if (argc == 4 && strcmp(argv[1], "overhead") == 0)
         return overhead(argv[2], atol(argv[3]));
     fprintf(stderr, "usage: driver check PIN HYBRID_ID COMPOSITE_ID\n"
                     "       driver overhead SOCKET_PATH N\n"
-                    "       driver mldsa PIN LABEL SECONDS\n"
+                    "       driver mldsa PIN LABEL SECONDS [THREADS]\n"
                     "       driver echo SOCKET_PATH\n");
     return 2;
 }

@@ -16,6 +16,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -869,6 +871,7 @@ from ckclient import Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
 ids = json.loads(sys.argv[4])
 threads, rounds = int(sys.argv[5]), int(sys.argv[6])
+kinds = json.loads(sys.argv[7])  # thread i signs with kinds[i % len(kinds)]
 first = m.open_session(); m.login(first, sys.argv[3].encode())  # login is per application
 sigs, errors = [], []
 lock = threading.Lock()
@@ -876,7 +879,7 @@ lock = threading.Lock()
 def worker(i):
     try:
         s = m.open_session()
-        name, mech, kt = [("p256", 0x1044, 3), ("ed25519", 0x1057, 0x40)][i % 2]
+        name, mech, kt = kinds[i % len(kinds)]
         key = m.find(s, 3, kt, bytes.fromhex(ids[name]))
         for j in range(rounds):
             msg = b"thread %d round %d" % (i, j)
@@ -906,7 +909,8 @@ def test_threads_sign_concurrently(env: Env, build: Build) -> None:
     """Eight threads, each with its own session, sign 40 times (single and multi-part)."""
     threads, rounds = 8, 40
     ids = {n: _id(env.keys[n]) for n in ("p256", "ed25519")}
-    out = env.child(_THREADS, json.dumps(ids), str(threads), str(rounds), build=build)
+    kinds = json.dumps([("p256", 0x1044, 3), ("ed25519", 0x1057, 0x40)])
+    out = env.child(_THREADS, json.dumps(ids), str(threads), str(rounds), kinds, build=build)
     assert out["errors"] == []
     sigs = out["sigs"]
     assert isinstance(sigs, list)
@@ -918,6 +922,46 @@ def test_threads_sign_concurrently(env: Env, build: Build) -> None:
         else:
             _eddsa_pub(env.keys["ed25519"]).verify(sig, msg)
     assert len({s[1] for s in sigs}) == threads * rounds  # every round signed once
+
+
+def test_threads_sign_side_by_side_on_one_connection(
+    env: Env, build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extension v3: four threads' ML-DSA signatures travel on the process's one
+    connection and run on the server at the same time (a slowed server makes the overlap
+    certain); each thread gets its own signatures back, all valid."""
+    running, peak, clients = [0], [0], set()
+    lock = threading.Lock()
+
+    def slow(client: model.Client, body: bytes) -> bytes:
+        signing = int.from_bytes(body[:4], "big") == 43
+        with lock:
+            clients.add(id(client))
+            if signing:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+        if signing:
+            time.sleep(0.15)
+        try:
+            return dispatch(client, body)
+        finally:
+            if signing:
+                with lock:
+                    running[0] -= 1
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", slow)
+    threads, rounds = 4, 3
+    key = env.keys["mldsa"]
+    ids, kinds = json.dumps({"mldsa": _id(key)}), json.dumps([("mldsa", 0x1D, 0x4A)])
+    out = env.child(_THREADS, ids, str(threads), str(rounds), kinds, build=build)
+    assert out["errors"] == []
+    sigs = out["sigs"]
+    assert isinstance(sigs, list)
+    assert len(sigs) == threads * rounds  # single-part and multi-part signatures
+    for _, msg_hex, sig_hex in sigs:
+        _mldsa_pub(key).verify(bytes.fromhex(sig_hex), bytes.fromhex(msg_hex))
+    assert len(clients) == 1  # one connection (one server-side client) for every thread
+    assert peak[0] >= 2
 
 
 # -- valgrind over the new C paths --------------------------------------------------------------
@@ -940,7 +984,7 @@ def driver(builds: dict[str, Build]) -> Path:
     """tests/module/driver.c linked against the plain build (rpath to its directory)."""
     module = builds["plain"].module
     exe = module.parent / "driver"
-    flags = ["gcc", "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-Wshadow"]
+    flags = ["gcc", "-std=c11", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wshadow"]
     rpath = f"-Wl,-rpath,{module.parent}"
     cc = subprocess.run(
         [*flags, "-I", str(SOURCE_DIR), str(HERE / "driver.c"), "-o", str(exe), str(module), rpath],
@@ -990,6 +1034,14 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     _strict(dual_keys, big, bytes.fromhex(out["dual_big"]))
     comp_pem = env.app.public_key_pem_of(comp)
     _strict([comp_pem], b"driver message", bytes.fromhex(out["comp_ctx"]), b"driver ctx")
+    # three threads sharing the multiplexed connection (replies handed between them)
+    label = env.keys["mldsa"].label
+    cmd = [*VALGRIND, str(driver), "mldsa", PIN.decode(), label, "1", "3"]
+    r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert b"ERROR SUMMARY: 0 errors" in r.stderr
+    assert _definitely_lost(r.stderr) == 0
+    assert int(r.stdout.split()[0]) >= 3
 
 
 # -- size queries the module answers itself ---------------------------------------------------
@@ -1129,16 +1181,24 @@ def test_plain_protocol_keeps_size_queries_on_the_server(
     assert out["after_end"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
 
 
-def test_module_falls_back_to_extension_v1(
-    env: Env, calls: list[int], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("server", "steps"),
+    [("v2", [42, 43]), ("v1", [42, 43, 43, 43])],
+    ids=["v2-only server", "v1-only server"],
+)
+def test_module_falls_back_to_older_extensions(
+    env: Env, calls: list[int], monkeypatch: pytest.MonkeyPatch, server: str, steps: list[int]
 ) -> None:
-    """A v1 server closes on the v2 byte: the module reconnects offering v1 and keeps
-    every mechanism (ML-DSA signs), with size queries back on the server."""
-    monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_2", 0x7F)  # a v1-only server
+    """An older server closes on the bytes it does not know: the module reconnects
+    offering v2, then v1, and keeps every mechanism (ML-DSA signs); size queries stay in
+    the module on v2 and go back to the server on v1."""
+    monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_3", 0x7E)
+    if server == "v1":
+        monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_2", 0x7F)
     key = env.keys["mldsa"]
-    msg = b"v1 server"
+    msg = f"{server} server".encode()
     out = env.child(_SIZE_QUERIES, _id(key), "1d", "4a", msg.hex(), "single")
     single = _results(out["single"])
     assert single[:3] == [[0, SIG], [CKR_BUFFER_TOO_SMALL, SIG], [0, SIG]]
     _mldsa_pub(key).verify(bytes.fromhex(str(single[3])), msg)
-    assert _steps(calls)[1] == [42, 43, 43, 43]
+    assert _steps(calls)[1] == steps
