@@ -138,6 +138,23 @@ def _check_len(what: str, value: object, n: int) -> bytes:
     return data
 
 
+def _verify_args(
+    public: object, message: object, signature: object, context: object
+) -> tuple[bytes, bytes, bytes, bytes]:
+    """ML-DSA-87 verification inputs, checked alike for every backend: (public key,
+    message, signature, context).
+
+    :raises SignatureInvalid: the signature has the wrong length.
+    """
+    ctx = _check_context(context)
+    pub = _check_len("ML-DSA-87 public key", public, MLDSA87_PUBLIC_LEN)
+    sig = _buf("signature", signature)
+    msg = _buf("message", message)
+    if len(sig) != MLDSA87_SIG_LEN:
+        raise SignatureInvalid("signature invalid")
+    return pub, msg, sig, ctx
+
+
 class _CryptoMlDsa:
     __slots__ = ("_key", "_pub")
 
@@ -184,12 +201,7 @@ class CryptographyBackend:
     def mldsa87_verify(
         self, public: BytesLike, message: BytesLike, signature: BytesLike, context: bytes = b""
     ) -> None:
-        ctx = _check_context(context)
-        pub = _check_len("ML-DSA-87 public key", public, MLDSA87_PUBLIC_LEN)
-        sig = _buf("signature", signature)
-        msg = _buf("message", message)
-        if len(sig) != MLDSA87_SIG_LEN:
-            raise SignatureInvalid("signature invalid")
+        pub, msg, sig, ctx = _verify_args(public, message, signature, context)
         key = mldsa.MLDSA87PublicKey.from_public_bytes(pub)
         try:
             key.verify(sig, msg, ctx or None)

@@ -43,23 +43,27 @@ import weakref
 from typing import Any, Final, NoReturn
 
 from appliance.errors import CallerError, ConfigError, DeviceError, SignatureInvalid
-from appliance.pqc import _buf, _secret_view
-from appliance.pqc import _check_context as _context
-from appliance.pqc import _check_len as _exact
+from appliance.pqc import (
+    MLDSA87_PUBLIC_LEN,
+    MLDSA87_SEED_LEN,
+    MLDSA87_SIG_LEN,
+    MLKEM1024_CT_LEN,
+    MLKEM1024_EK_LEN,
+    MLKEM1024_SEED_LEN,
+    MLKEM1024_SS_LEN,
+    _buf,
+    _check_context,
+    _check_len,
+    _secret_view,
+    _verify_args,
+)
 from appliance.secret import BytesLike, SecretBytes, ct_equal
 
 __all__ = ["LiboqsBackend", "LiboqsUnusable", "load_liboqs", "tried"]
 
-# Sizes fixed by FIPS 204 / FIPS 203 (duplicated from appliance.pqc to avoid a cycle).
-_DSA_SEED: Final = 32
-_DSA_PUBLIC: Final = 2592
+# Expanded secret-key sizes (FIPS 204 / FIPS 203); the others come from appliance.pqc.
 _DSA_SECRET: Final = 4896
-_DSA_SIG: Final = 4627
-_KEM_SEED: Final = 64
-_KEM_EK: Final = 1568
 _KEM_DK: Final = 3168
-_KEM_CT: Final = 1568
-_KEM_SS: Final = 32
 
 _SIG_NAME: Final = b"ML-DSA-87"
 _KEM_NAME: Final = b"ML-KEM-1024"
@@ -215,9 +219,9 @@ class _LiboqsMlDsa:
     __slots__ = ("__weakref__", "_lib", "_pub", "_sk", "_wiper")
 
     def __init__(self, lib: _Lib, seed: BytesLike) -> None:
-        scratch = _secret_copy("ML-DSA-87 seed", seed, _DSA_SEED)
+        scratch = _secret_copy("ML-DSA-87 seed", seed, MLDSA87_SEED_LEN)
         sk = (ctypes.c_ubyte * _DSA_SECRET)()
-        pk = (ctypes.c_ubyte * _DSA_PUBLIC)()
+        pk = (ctypes.c_ubyte * MLDSA87_PUBLIC_LEN)()
         slot = _SLOT
         slot.seed, slot.served, slot.stray, slot.failed = scratch, 0, 0, False
         try:
@@ -243,12 +247,12 @@ class _LiboqsMlDsa:
 
     def sign(self, message: BytesLike, context: bytes = b"") -> bytes:
         """FIPS 204 pure ML-DSA, hedged, context of at most 255 bytes."""
-        ctx = _context(context)
+        ctx = _check_context(context)
         msg = _buf("message", message)
         if not self._wiper.alive:
             raise CallerError("this ML-DSA-87 key has been closed")
-        out = (ctypes.c_ubyte * _DSA_SIG)()
-        out_len = ctypes.c_size_t(_DSA_SIG)
+        out = (ctypes.c_ubyte * MLDSA87_SIG_LEN)()
+        out_len = ctypes.c_size_t(MLDSA87_SIG_LEN)
         rc = self._lib.call(
             "OQS_SIG_sign_with_ctx_str",
             self._lib.sig,
@@ -261,7 +265,7 @@ class _LiboqsMlDsa:
             self._sk,
         )
         _check_rng("ML-DSA-87 sign")
-        if rc != _OQS_SUCCESS or out_len.value != _DSA_SIG:
+        if rc != _OQS_SUCCESS or out_len.value != MLDSA87_SIG_LEN:
             raise DeviceError(f"liboqs ML-DSA-87 sign failed (status {rc})")
         return bytes(out)
 
@@ -288,9 +292,9 @@ class _LiboqsMlKem:
     __slots__ = ("__weakref__", "_dk", "_ek", "_lib", "_wiper")
 
     def __init__(self, lib: _Lib, seed: BytesLike) -> None:
-        scratch = _secret_copy("ML-KEM-1024 seed", seed, _KEM_SEED)
+        scratch = _secret_copy("ML-KEM-1024 seed", seed, MLKEM1024_SEED_LEN)
         dk = (ctypes.c_ubyte * _KEM_DK)()
-        ek = (ctypes.c_ubyte * _KEM_EK)()
+        ek = (ctypes.c_ubyte * MLKEM1024_EK_LEN)()
         try:
             rc = lib.call("OQS_KEM_keypair_derand", lib.kem, ek, dk, scratch)
         finally:
@@ -307,12 +311,12 @@ class _LiboqsMlKem:
         return self._ek
 
     def decapsulate(self, ciphertext: BytesLike) -> SecretBytes:
-        ct = _exact("ML-KEM-1024 ciphertext", ciphertext, _KEM_CT)
+        ct = _check_len("ML-KEM-1024 ciphertext", ciphertext, MLKEM1024_CT_LEN)
         if not self._wiper.alive:
             raise CallerError("this ML-KEM-1024 key has been closed")
-        out = SecretBytes(_KEM_SS)
+        out = SecretBytes(MLKEM1024_SS_LEN)
         # liboqs writes the shared secret straight into the wipeable buffer
-        target = (ctypes.c_ubyte * _KEM_SS).from_buffer(out.view())
+        target = (ctypes.c_ubyte * MLKEM1024_SS_LEN).from_buffer(out.view())
         rc = self._lib.call("OQS_KEM_decaps", self._lib.kem, target, ct, self._dk)
         del target
         if rc != _OQS_SUCCESS:
@@ -363,12 +367,7 @@ class LiboqsBackend:
         self, public: BytesLike, message: BytesLike, signature: BytesLike, context: bytes = b""
     ) -> None:
         """Raise :class:`SignatureInvalid` unless ``signature`` verifies."""
-        ctx = _context(context)
-        pub = _exact("ML-DSA-87 public key", public, _DSA_PUBLIC)
-        sig = _buf("signature", signature)
-        msg = _buf("message", message)
-        if len(sig) != _DSA_SIG:
-            raise SignatureInvalid("signature invalid")
+        pub, msg, sig, ctx = _verify_args(public, message, signature, context)
         rc = self._lib.call(
             "OQS_SIG_verify_with_ctx_str",
             self._lib.sig,
@@ -388,10 +387,10 @@ class LiboqsBackend:
 
     def mlkem1024_encapsulate(self, ek: BytesLike) -> tuple[SecretBytes, bytes]:
         """Return (shared secret, ciphertext); a malformed key raises :class:`CallerError`."""
-        ek_bytes = _exact("ML-KEM-1024 encapsulation key", ek, _KEM_EK)
-        secret = SecretBytes(_KEM_SS)
-        ct = (ctypes.c_ubyte * _KEM_CT)()
-        target = (ctypes.c_ubyte * _KEM_SS).from_buffer(secret.view())
+        ek_bytes = _check_len("ML-KEM-1024 encapsulation key", ek, MLKEM1024_EK_LEN)
+        secret = SecretBytes(MLKEM1024_SS_LEN)
+        ct = (ctypes.c_ubyte * MLKEM1024_CT_LEN)()
+        target = (ctypes.c_ubyte * MLKEM1024_SS_LEN).from_buffer(secret.view())
         rc = self._lib.call("OQS_KEM_encaps", self._lib.kem, ct, target, ek_bytes)
         del target
         try:
@@ -410,7 +409,7 @@ def _self_test(backend: LiboqsBackend) -> None:
     """Known answers and pairwise checks; raise :class:`LiboqsUnusable` on any mismatch."""
     where = f"liboqs {backend.version} at {backend.library}"
     try:
-        with backend.mldsa87_from_seed(bytes(range(_DSA_SEED))) as dsa:
+        with backend.mldsa87_from_seed(bytes(range(MLDSA87_SEED_LEN))) as dsa:
             if hashlib.sha3_256(dsa.public_bytes()).hexdigest() != _KAT_DSA_PK_SHA3:
                 raise LiboqsUnusable(
                     f"{where}: ML-DSA-87 key generation does not follow FIPS 204 "
@@ -424,7 +423,7 @@ def _self_test(backend: LiboqsBackend) -> None:
                 pass
             else:
                 raise LiboqsUnusable(f"{where}: ML-DSA-87 verify ignores the context")
-        with backend.mlkem1024_from_seed(bytes(range(_KEM_SEED))) as kem:
+        with backend.mlkem1024_from_seed(bytes(range(MLKEM1024_SEED_LEN))) as kem:
             ek = kem.encapsulation_key()
             if hashlib.sha3_256(ek).hexdigest() != _KAT_KEM_EK_SHA3:
                 raise LiboqsUnusable(

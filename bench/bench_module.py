@@ -42,7 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pkcs11_shim.launch import throwaway_init_args
+from hardware.lab import make_home
+from pkcs11_shim.launch import serve_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "pkcs11_shim" / "c"
@@ -135,7 +136,7 @@ def main() -> int:
         print("needs SoftHSM2 and p11-kit-client.so")
         return 1
     root = Path(tempfile.mkdtemp(prefix="pqhsm-bm-", dir="/tmp"))
-    home, secrets, build = root / "home", root / "secrets", root / "build"
+    build = root / "build"
     build.mkdir()
     subprocess.run(
         ["make", "-s", "-C", str(SOURCE), f"OUT={build}"], check=True, capture_output=True
@@ -162,24 +163,13 @@ def main() -> int:
         if not k.startswith(("PQHSM_", "P11_KIT_")) and k != "SOFTHSM2_CONF"
     }
 
-    def pq(*args: str) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "appliance", "--home", str(home), *args],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-
-    pq(*throwaway_init_args(secrets))
-    pq("key", "create", "--type", "ecdsa-p256", "--label", "b-ec")
-    pq("key", "create", "--type", "ed25519", "--label", "b-ed")
-    pq("key", "create", "--type", "ml-dsa-87", "--label", "b-ml")
+    home, secrets = make_home(
+        root, [("ecdsa-p256", "b-ec"), ("ed25519", "b-ed"), ("ml-dsa-87", "b-ml")]
+    )
     pin = (secrets / "token-pin").read_text().strip()
     sock = root / "p11.sock"
-    serve = [sys.executable, "-m", "pkcs11_shim", "serve", "--home", str(home)]
-    unlock = ["--unlock", "--passphrase-file", str(secrets / "passphrase")]  # ML-DSA signs
     server = subprocess.Popen(
-        [*serve, "--socket", str(sock), "--pin-file", str(secrets / "token-pin"), *unlock],
+        serve_argv(home, sock, secrets, unlock=True),  # unlocked: ML-DSA signs
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

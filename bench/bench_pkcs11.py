@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pkcs11_shim.launch import child_env, serve_argv, throwaway_init_args
+from hardware.lab import make_home
+from pkcs11_shim.launch import child_env, serve_argv
 
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 #: Each setup runs in this many alternating windows of SECONDS / ROUNDS.
@@ -144,21 +145,8 @@ def main() -> int:
         print(f"p11-kit-client.so not found at {CLIENT}")
         return 1
     root = Path(tempfile.mkdtemp(prefix="pqhsm-bp-"))
-    home, secrets = root / "home", root / "secrets"
     env = child_env()
-
-    def pq(*args: str) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "appliance", "--home", str(home), *args],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-
-    pq(*throwaway_init_args(secrets))
-    pq("key", "create", "--type", "ecdsa-p256", "--label", "bench")
-    unlock = ["--passphrase-file", str(secrets / "passphrase")]
-    pq("key", "create", "--type", "ml-dsa-87", "--label", "bench-mldsa", *unlock)
+    home, secrets = make_home(root, [("ecdsa-p256", "bench"), ("ml-dsa-87", "bench-mldsa")])
     pin = (secrets / "token-pin").read_text().strip()
     own_module = root / "libpqhsm-pkcs11.so"
     subprocess.run(

@@ -603,10 +603,12 @@ class Operation:
     fed: int = 0  # message bytes fed by Update calls (bounded by MAX_DIGEST_INPUT)
     hash: hashlib._Hash | None = None  # CKM_ECDSA_SHA*: the incremental hash
     parts: bytearray | None = None  # whole-message mechanisms: the collected parts
+    length: int | None = None  # what size queries answer, once first asked (fixed)
 
     def start(self, key_id: str, mech: int, context: bytes) -> None:
         self.key, self.mech, self.context = key_id, mech, context
         self.multi, self.fed, self.hash, self.parts = False, 0, None, None
+        self.length = None
 
     def end(self) -> str | None:
         """End the operation; its key id (None: none was active)."""
@@ -917,11 +919,13 @@ class Client:
         """``sign_init``, then the length every size query on the operation will get (the
         extension's C_SignInit reply carries it, so the module answers them itself)."""
         key = self.sign_init(handle, mech, key_handle)
+        op = self._session(handle).sign
         try:
-            return _signature_length(mech.type, key)
+            op.length = _signature_length(mech.type, key)
         except BaseException:
-            self._session(handle).sign.end()  # no operation the client was not told of
+            op.end()  # no operation the client was not told of
             raise
+        return op.length
 
     def sign_length(self, handle: int) -> int:
         """The signature length of the active operation (for size queries).
@@ -929,10 +933,12 @@ class Client:
         Dual and composite signatures with an ECDSA part vary in length (DER): this is
         their longest, which PKCS#11 allows a size query to answer.
         """
-        s = self._session(handle)
-        if s.sign.key is None:
+        op = self._session(handle).sign
+        if op.key is None:
             raise CkrError(CKR.OPERATION_NOT_INITIALIZED)
-        return _signature_length(s.sign.mech, self.model.app.key(s.sign.key))
+        if op.length is None:  # computed once per operation: C_Sign asks again
+            op.length = _signature_length(op.mech, self.model.app.key(op.key))
+        return op.length
 
     def sign(self, handle: int, data: bytes | None) -> bytes:
         """Single-part ``C_Sign``; ends the operation.

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ CHEAP_PBKDF2 = 1_000  # tests only: production calibrates to about one second
 
 if TYPE_CHECKING:
     from appliance.service import Appliance
+    from pkcs11_shim.server import Server
 
 _counter = itertools.count(1)
 
@@ -149,3 +151,29 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"pqhsm {' '.join(args)} failed: {proc.stderr.decode()}")
     return proc
+
+
+@contextmanager
+def pkcs11_server(
+    app: Appliance,
+    sockdir: Path,
+    *,
+    client_pin: bytes | None = PIN,
+    idle_timeout: float = 300.0,
+    max_message: int | None = None,
+) -> Iterator[Server]:
+    """A started PKCS#11 :class:`Server` over ``app`` at ``sockdir/p11.sock`` (keep the
+    directory short: AF_UNIX paths hold at most 107 bytes); closed with its model."""
+    from pkcs11_shim.model import Pkcs11Model
+    from pkcs11_shim.rpc import MAX_MESSAGE
+    from pkcs11_shim.server import Server
+
+    model = Pkcs11Model(app, client_pin=SecretBytes(client_pin) if client_pin is not None else None)
+    limit = MAX_MESSAGE if max_message is None else max_message
+    server = Server(model, sockdir / "p11.sock", idle_timeout=idle_timeout, max_message=limit)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+        model.close()

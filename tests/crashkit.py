@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import run_cli
+from pkcs11_shim.launch import throwaway_init_args
 
 # The child: open the appliance, arm the hook, run one operation (Python source in OP).
 CHILD = r"""
@@ -86,12 +87,7 @@ def py(
 def make_base(root: Path) -> Path:
     """An appliance with an embedded token and generated secrets, cheap KDF."""
     proc = run_cli(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(root / "secrets"),
-        "--pbkdf2-iterations",
-        "1000",
+        *throwaway_init_args(root / "secrets"),
         home=root / "pqhsm",
     )
     assert proc.returncode == 0, proc.stderr

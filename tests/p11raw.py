@@ -18,3 +18,20 @@ def u64(v: int) -> bytes:
 def ay(data: bytes) -> bytes:
     """A present byte array (``ay``): valid byte, length, bytes."""
     return b"\x01" + u32(len(data)) + data
+
+
+def private_key_template(cka_id: bytes) -> bytes:
+    """An ``aA`` template's two attributes: CKA_CLASS = CKO_PRIVATE_KEY, CKA_ID = ``cka_id``
+    (a find's template: each value with its valid byte, length and bytes)."""
+    cka_class, cka_id_type, cko_private_key = 0x000, 0x102, 3
+    return (
+        u32(cka_class)
+        + b"\x01"
+        + u32(8)
+        + u64(cko_private_key)
+        + u32(cka_id_type)
+        + b"\x01"
+        + u32(len(cka_id))
+        + u32(len(cka_id))
+        + cka_id
+    )

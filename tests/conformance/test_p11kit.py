@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from p11raw import ay as _ay
+from p11raw import private_key_template
 from p11raw import u32 as _u32
 from p11raw import u64 as _u64
 
@@ -34,7 +35,7 @@ from appliance.keys import KeyInfo, KeyState
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from conftest import PIN, run_cli
-from pkcs11_shim.launch import child_env
+from pkcs11_shim.launch import child_env, throwaway_init_args
 from pkcs11_shim.model import SLOT_ID, Pkcs11Model
 from pkcs11_shim.rpc import HANDSHAKE, Reader
 from pkcs11_shim.server import Server
@@ -343,17 +344,7 @@ class RawClient:
 
 def _private_template(key: KeyInfo) -> bytes:
     assert key.cka_id is not None
-    return (
-        _u32(CKA_CLASS)
-        + b"\x01"
-        + _u32(8)
-        + _u64(CKO_PRIVATE_KEY)
-        + _u32(CKA_ID)
-        + b"\x01"
-        + _u32(len(key.cka_id))
-        + _u32(len(key.cka_id))
-        + key.cka_id
-    )
+    return private_key_template(key.cka_id)
 
 
 @pytest.fixture
@@ -461,12 +452,7 @@ def test_serve_entry_point(tmp_path: Path, entry: list[str]) -> None:
     stop on SIGTERM."""
     home = tmp_path / "pqhsm"
     init = run_cli(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(tmp_path / "secrets"),
-        "--pbkdf2-iterations",
-        "1000",
+        *throwaway_init_args(tmp_path / "secrets"),
         home=home,
     )
     assert init.returncode == 0, init.stderr.decode()

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +41,7 @@ from appliance.errors import CallerError, DeviceError, PinIncorrect, PinLocked
 from appliance.keys import KeyInfo
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import PIN
-from pkcs11_shim.model import Pkcs11Model
-from pkcs11_shim.rpc import MAX_MESSAGE
+from conftest import PIN, pkcs11_server
 from pkcs11_shim.server import Server
 
 pytestmark = [
@@ -60,25 +57,6 @@ CKR_PIN_INCORRECT, CKR_PIN_LOCKED = 0x0A0, 0x0A4
 NULL = 0xFFFFFFFF
 
 
-@contextmanager
-def _serve(
-    app: Appliance,
-    sockdir: Path,
-    *,
-    client_pin: bytes | None = PIN,
-    idle_timeout: float = 300.0,
-    max_message: int = MAX_MESSAGE,
-) -> Iterator[Server]:
-    model = Pkcs11Model(app, client_pin=SecretBytes(client_pin) if client_pin is not None else None)
-    server = Server(model, sockdir / "p11.sock", idle_timeout=idle_timeout, max_message=max_message)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-        model.close()
-
-
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="p11"))  # short: AF_UNIX paths max 107 bytes
@@ -91,7 +69,7 @@ def served2(appliance: Appliance, sockdir: Path) -> Iterator[Served]:
     """Two ECDSA keys, no client PIN store (the interim token-PIN fallback)."""
     p256 = appliance.create_key("ecdsa-p256", "s2-p256")
     p384 = appliance.create_key("ecdsa-p384", "s2-p384")
-    with _serve(appliance, sockdir) as server:
+    with pkcs11_server(appliance, sockdir) as server:
         yield Served(appliance, server, p256, p384)
 
 
@@ -101,7 +79,7 @@ def pinned(appliance: Appliance, sockdir: Path) -> Iterator[Served]:
     p256 = appliance.create_key("ecdsa-p256", "pin-p256")
     p384 = appliance.create_key("ecdsa-p384", "pin-p384")
     clientpins.set_pin(appliance.cfg.home, SecretBytes(CLIENT_PIN), profile=clientpins.TEST_PROFILE)
-    with _serve(appliance, sockdir, client_pin=None) as server:
+    with pkcs11_server(appliance, sockdir, client_pin=None) as server:
         yield Served(appliance, server, p256, p384)
 
 
@@ -182,7 +160,7 @@ def test_lockout_survives_restart_and_set_pin_clears_it(
     r = pinned.tool("-T")
     assert b"user PIN locked" in r.stdout, r.stdout  # CKF_USER_PIN_LOCKED
     pinned.server.close()
-    with _serve(pinned.app, sockdir, client_pin=None) as server:  # a restarted server
+    with pkcs11_server(pinned.app, sockdir, client_pin=None) as server:  # a restarted server
         again = Served(pinned.app, server, pinned.p256, pinned.p384)
         r = again.tool("-O", login=True, pin=CLIENT_PIN)
         assert b"CKR_PIN_LOCKED" in r.stdout + r.stderr
@@ -520,7 +498,7 @@ class _Limited:
 @pytest.fixture
 def limited(appliance: Appliance, sockdir: Path) -> Iterator[_Limited]:
     p384 = appliance.create_key("ecdsa-p384", "lim-p384")
-    with _serve(appliance, sockdir, idle_timeout=0.5, max_message=4096) as server:
+    with pkcs11_server(appliance, sockdir, idle_timeout=0.5, max_message=4096) as server:
         yield _Limited(appliance, server, p384)
 
 

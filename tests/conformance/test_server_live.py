@@ -37,17 +37,17 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from p11raw import ay as _ay
+from p11raw import private_key_template
 from p11raw import u32 as _u32
 from p11raw import u64 as _u64
 
 from appliance.errors import CKR
 from appliance.keys import KeyInfo, KeyState
-from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import PIN
+from conftest import PIN, pkcs11_server
 from pkcs11_shim import model as model_module
 from pkcs11_shim.dispatch import CALLS
-from pkcs11_shim.model import SLOT_ID, CkrError, Client, Pkcs11Model, cka_id_of
+from pkcs11_shim.model import SLOT_ID, CkrError, Client, cka_id_of
 from pkcs11_shim.rpc import HANDSHAKE, Attribute, AttrValue, Mechanism, Reader, request_body
 from pkcs11_shim.server import Server
 
@@ -109,18 +109,7 @@ class Peer:
         return session
 
     def find_private(self, session: int, key: KeyInfo) -> int:
-        cka_id = cka_id_of(key)
-        template = (
-            _u32(CKA_CLASS)
-            + b"\x01"
-            + _u32(8)
-            + _u64(CKO_PRIVATE_KEY)
-            + _u32(CKA_ID)
-            + b"\x01"
-            + _u32(len(cka_id))
-            + _u32(len(cka_id))
-            + cka_id
-        )
+        template = private_key_template(cka_id_of(key))
         self.ok(26, "uaA", _u64(session) + _u32(2) + template)
         found = self.ok(27, "ufu", _u64(session) + _u32(4)).au()
         self.ok(28, "u", _u64(session))
@@ -145,15 +134,11 @@ class Live:
 @contextlib.contextmanager
 def serving_model(appliance: Appliance) -> Iterator[Server]:
     """A started :class:`Server` over ``appliance`` on a short socket path."""
-    model = Pkcs11Model(appliance, client_pin=SecretBytes(PIN))
     sockdir = Path(tempfile.mkdtemp(prefix="p11"))  # short: AF_UNIX paths max 107 bytes
-    server = Server(model, sockdir / "p11.sock")
-    server.start()
     try:
-        yield server
+        with pkcs11_server(appliance, sockdir) as server:
+            yield server
     finally:
-        server.close()
-        model.close()
         shutil.rmtree(sockdir, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from pkcs11_shim.launch import throwaway_init_args
 
 pytestmark = pytest.mark.softhsm
 
@@ -23,12 +24,7 @@ DGST = {"ecdsa-p256": "sha256", "ecdsa-p384": "sha384", "ecdsa-secp256k1": "sha2
 def _init(root: Path) -> Path:
     home = root / "pqhsm"
     proc = run_cli(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(root / "secrets"),
-        "--pbkdf2-iterations",
-        "1000",
+        *throwaway_init_args(root / "secrets"),
         "--json",
         home=home,
     )

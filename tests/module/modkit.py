@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import pytest
 
@@ -119,3 +120,18 @@ def serving(
         model.close()
         app.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+#: valgrind memcheck for the module's clients: errors fail the run, definite leaks are errors.
+VALGRIND: Final = (
+    "valgrind",
+    "--error-exitcode=99",
+    "--leak-check=full",
+    "--errors-for-leak-kinds=definite",
+)
+
+
+def definitely_lost(stderr: bytes) -> int:
+    """Bytes memcheck reports as definitely lost (0 when it reports none)."""
+    m = re.search(rb"definitely lost: ([\d,]+) bytes", stderr)
+    return int(m.group(1).replace(b",", b"")) if m else 0

@@ -26,7 +26,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, utils
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from modkit import SOURCE_DIR, Build, asan_build, make_module, module_env, serving
+from modkit import (
+    SOURCE_DIR,
+    VALGRIND,
+    Build,
+    asan_build,
+    definitely_lost,
+    make_module,
+    module_env,
+    serving,
+)
 
 from appliance.errors import SignatureInvalid
 from appliance.keys import KeyInfo, KeyState
@@ -966,18 +975,6 @@ def test_threads_sign_side_by_side_on_one_connection(
 
 # -- valgrind over the new C paths --------------------------------------------------------------
 
-VALGRIND = (
-    "valgrind",
-    "--error-exitcode=99",
-    "--leak-check=full",
-    "--errors-for-leak-kinds=definite",
-)
-
-
-def _definitely_lost(stderr: bytes) -> int:
-    m = re.search(rb"definitely lost: ([\d,]+) bytes", stderr)
-    return int(m.group(1).replace(b",", b"")) if m else 0
-
 
 @pytest.fixture(scope="module")
 def driver(builds: dict[str, Build]) -> Path:
@@ -1008,7 +1005,7 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     _eddsa_pub(env.keys["ed448"]).verify((tmp_path / "sig").read_bytes(), msg)
     cmd[cmd.index("--sign")] = "--verify"  # C_VerifyUpdate/C_VerifyFinal under memcheck
     cmd[cmd.index("-o")] = "--signature-file"
@@ -1016,13 +1013,13 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"Signature is valid" in r.stdout
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     hybrid, comp = env.keys["hybrid"], env.keys["comp448"]
     cmd = [*VALGRIND, str(driver), "check", PIN.decode(), _id(hybrid), _id(comp)]
     r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     out = dict(line.split(" ", 1) for line in r.stdout.decode().splitlines())
     assert out["bad_param"] == "71"  # CKR_MECHANISM_PARAM_INVALID, refused locally
     mldsa_spki = _mldsa_pub(hybrid).public_bytes(
@@ -1040,7 +1037,7 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     assert int(r.stdout.split()[0]) >= 3
 
 

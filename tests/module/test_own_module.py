@@ -25,7 +25,17 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from modkit import SOURCE_DIR, Build, asan_build, make_module, module_env, serving, short_socket_dir
+from modkit import (
+    SOURCE_DIR,
+    VALGRIND,
+    Build,
+    asan_build,
+    definitely_lost,
+    make_module,
+    module_env,
+    serving,
+    short_socket_dir,
+)
 
 from appliance.keys import KeyInfo
 from appliance.secret import SecretBytes
@@ -372,31 +382,19 @@ def test_server_down_is_a_clean_error(served: Served, tmp_path: Path) -> None:
 
 # -- valgrind ------------------------------------------------------------------------
 
-VALGRIND = (
-    "valgrind",
-    "--error-exitcode=99",
-    "--leak-check=full",
-    "--errors-for-leak-kinds=definite",
-)
-
-
-def _definitely_lost(stderr: bytes) -> int:
-    m = re.search(rb"definitely lost: ([\d,]+) bytes", stderr)
-    return int(m.group(1).replace(b",", b"")) if m else 0
-
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind missing")
 def test_valgrind_list_and_sign(served: Served, tmp_path: Path) -> None:
     r = served.tool("-L", wrap=VALGRIND)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     digest = hashlib.sha256(b"under valgrind").digest()
     (tmp_path / "digest").write_bytes(digest)
     r = served.tool(*_sign_args(served.key, tmp_path), login=True, wrap=VALGRIND)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     _verify_raw(served.key, digest, (tmp_path / "sig").read_bytes())
 
 
@@ -655,7 +653,7 @@ def test_valgrind_malformed_server(module_path: Path, kind: str) -> None:
         shutil.rmtree(sockdir, ignore_errors=True)
     assert r.returncode == 1, r.stderr.decode()[-3000:]  # pkcs11-tool's error, not 99
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
-    assert _definitely_lost(r.stderr) == 0
+    assert definitely_lost(r.stderr) == 0
     assert b"CKR_DEVICE_ERROR" in r.stdout + r.stderr
 
 

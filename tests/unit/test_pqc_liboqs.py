@@ -33,7 +33,10 @@ import pytest
 from cryptography.hazmat.bindings import _rust
 
 # The generic backend tests, collected again here with this module's fixtures (liboqs).
-from test_pqc_backend import (
+from test_pqc_backend import (  # the generic tests, and their key fixtures over `backend`
+    decapsulator,
+    signature,
+    signer,
     test_buffer_encapsulate_and_decapsulate,
     test_buffer_mldsa_seed,
     test_buffer_mlkem_seed,
@@ -78,8 +81,6 @@ from appliance.pqc import (
     MLDSA87_SIG_LEN,
     MLKEM1024_SEED_LEN,
     CryptographyBackend,
-    MlDsaSigner,
-    MlKemDecapsulator,
     PqcBackend,
     active_backend,
     backend_info,
@@ -90,8 +91,12 @@ from appliance.pqc import (
 from appliance.pqc_liboqs import LiboqsBackend
 from appliance.secret import SecretBytes
 from conftest import CHEAP_PBKDF2, PASSPHRASE, TokenSpec, make_config, run_cli
+from pkcs11_shim.launch import throwaway_init_args
 
-__all__ = [  # re-collected generic tests (see the import above)
+__all__ = [  # re-collected generic tests and their fixtures (see the import above)
+    "decapsulator",
+    "signature",
+    "signer",
     "test_buffer_encapsulate_and_decapsulate",
     "test_buffer_mldsa_seed",
     "test_buffer_mlkem_seed",
@@ -180,21 +185,6 @@ def crypto() -> CryptographyBackend:
 @pytest.fixture(scope="module")
 def backend(oqs: LiboqsBackend) -> PqcBackend:
     return oqs
-
-
-@pytest.fixture(scope="module")
-def signer(backend: PqcBackend) -> MlDsaSigner:
-    return backend.mldsa87_from_seed(DSA_SEED)
-
-
-@pytest.fixture(scope="module")
-def signature(signer: MlDsaSigner) -> bytes:
-    return signer.sign(MESSAGE, CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def decapsulator(backend: PqcBackend) -> MlKemDecapsulator:
-    return backend.mlkem1024_from_seed(KEM_SEED)
 
 
 @contextmanager
@@ -316,23 +306,17 @@ def test_message_sizes_across_backends(
 
 
 @needs_liboqs
-def test_liboqs_encapsulation_decapsulates_under_cryptography(
-    oqs: LiboqsBackend, crypto: CryptographyBackend
+@pytest.mark.parametrize(
+    "liboqs_encapsulates", [True, False], ids=["liboqs->crypto", "crypto->liboqs"]
+)
+def test_encapsulation_decapsulates_under_the_other_backend(
+    oqs: LiboqsBackend, crypto: CryptographyBackend, liboqs_encapsulates: bool
 ) -> None:
-    theirs = crypto.mlkem1024_from_seed(KEM_SEED)
+    sender, receiver = (oqs, crypto) if liboqs_encapsulates else (crypto, oqs)
+    theirs = receiver.mlkem1024_from_seed(KEM_SEED)
     for _ in range(4):
-        secret, ct = oqs.mlkem1024_encapsulate(theirs.encapsulation_key())
+        secret, ct = sender.mlkem1024_encapsulate(theirs.encapsulation_key())
         assert _secret(theirs.decapsulate(ct)) == _secret(secret)
-
-
-@needs_liboqs
-def test_cryptography_encapsulation_decapsulates_under_liboqs(
-    oqs: LiboqsBackend, crypto: CryptographyBackend
-) -> None:
-    ours = oqs.mlkem1024_from_seed(KEM_SEED)
-    for _ in range(4):
-        secret, ct = crypto.mlkem1024_encapsulate(ours.encapsulation_key())
-        assert _secret(ours.decapsulate(ct)) == _secret(secret)
 
 
 @needs_liboqs
@@ -934,12 +918,7 @@ def test_cli_liboqs_configured_but_unusable_is_one_error_line(tmp_path: Path) ->
     (tmp_path / "oqs" / "lib" / "liboqs.so").symlink_to(NOT_LIBOQS)
     home = tmp_path / "pqhsm"
     init = run_cli(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(tmp_path / "secrets"),
-        "--pbkdf2-iterations",
-        "1000",
+        *throwaway_init_args(tmp_path / "secrets"),
         home=home,
     )
     assert init.returncode == 0, init.stderr.decode()
@@ -966,12 +945,7 @@ def test_cli_liboqs_configured_but_unusable_is_one_error_line(tmp_path: Path) ->
 def test_cli_signs_under_liboqs_and_verifies_under_cryptography(tmp_path: Path) -> None:
     home = tmp_path / "pqhsm"
     init = run_cli(
-        "init",
-        "--embedded-softhsm",
-        "--generate-secrets",
-        str(tmp_path / "secrets"),
-        "--pbkdf2-iterations",
-        "1000",
+        *throwaway_init_args(tmp_path / "secrets"),
         home=home,
     )
     assert init.returncode == 0, init.stderr.decode()
@@ -1005,10 +979,10 @@ def test_cli_signs_under_liboqs_and_verifies_under_cryptography(tmp_path: Path) 
 
 
 def test_seed_lengths_are_the_fips_ones() -> None:
-    # the liboqs module keeps its own copies of the sizes (no import cycle): keep them equal
-    assert pqc_liboqs._DSA_SEED == MLDSA87_SEED_LEN
-    assert pqc_liboqs._KEM_SEED == MLKEM1024_SEED_LEN
-    assert pqc_liboqs._DSA_SIG == MLDSA87_SIG_LEN
-    assert pqc_liboqs._DSA_PUBLIC == appliance.pqc.MLDSA87_PUBLIC_LEN
-    assert pqc_liboqs._KEM_EK == appliance.pqc.MLKEM1024_EK_LEN
-    assert pqc_liboqs._KEM_CT == appliance.pqc.MLKEM1024_CT_LEN
+    # both backends size their buffers with appliance.pqc's constants (FIPS 204 / 203)
+    assert MLDSA87_SEED_LEN == 32
+    assert MLKEM1024_SEED_LEN == 64
+    assert MLDSA87_SIG_LEN == 4627
+    assert appliance.pqc.MLDSA87_PUBLIC_LEN == 2592
+    assert appliance.pqc.MLKEM1024_EK_LEN == 1568
+    assert appliance.pqc.MLKEM1024_CT_LEN == 1568
