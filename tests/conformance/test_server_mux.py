@@ -115,22 +115,44 @@ def mux(appliance: Appliance) -> Iterator[Mux]:
         yield Mux(appliance, server, key)
 
 
-def test_short_replies_overtake_signatures_in_flight(mux: Mux) -> None:
+def _hold_signatures(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make every C_Sign wait on its worker until the returned event is set (at most 10 s,
+    so a server that answered nothing else meanwhile fails the test instead of hanging)."""
+    release = threading.Event()
+    real = dispatch_module.dispatch
+
+    def held_dispatch(client: object, body: bytes) -> bytes:
+        if int.from_bytes(body[:4], "big") == 43:
+            release.wait(10)
+        return real(client, body)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", held_dispatch)
+    return release
+
+
+def test_short_replies_overtake_signatures_in_flight(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C_GetSessionInfo sent behind two signatures is answered while both still run (the
+    signatures are held on their workers until that reply is in, so the order is certain
+    however the machine schedules threads)."""
     p = mux.peer()
     s1, s2, s3 = p.setup(3)
     key = p.find_private(s1, mux.key)
     assert p.sign_init(s1, key) == p.sign_init(s2, key) == 4627
+    release = _hold_signatures(monkeypatch)
     m1, m2 = os.urandom(40), os.urandom(41)
     p.sock.sendall(
         p.sign_frame(101, s1, m1)
         + p.sign_frame(102, s2, m2)
         + p.wire(103, 13, "u", _u64(s3))  # C_GetSessionInfo, on a third session
     )
-    replies = dict(p.reply() for _ in range(3))
-    order = list(replies)
-    assert order[0] == 103  # answered on the loop while both signatures ran
-    assert sorted(order[1:]) == [101, 102]
-    assert replies[103].call_id == 13
+    first, info = p.reply()
+    release.set()
+    assert first == 103  # answered on the loop while both signatures were held
+    assert info.call_id == 13
+    replies = dict(p.reply() for _ in range(2))
+    assert sorted(replies) == [101, 102]
     mux.check(replies[101].ay(), m1)
     mux.check(replies[102].ay(), m2)
     p.close()
