@@ -10,11 +10,8 @@ resets the counter (a second write).  After ``max_failures`` consecutive failure
 attempt, right PIN or not, raises :class:`~appliance.errors.PinLocked` without checking
 anything; only :func:`set_pin` (the operator, ``python -m pkcs11_shim set-pin``) unlocks.
 
-Style deviation (STYLE §5, recorded): ``appliance/keystore/kdf.py`` is otherwise the only
-module that imports ``argon2``.  Client PINs are verified against stored hashes, which
-``kdf.py`` (raw key derivation) does not offer, so this module uses argon2-cffi's
-``PasswordHasher`` directly.  Like ``kdf.py`` it makes exactly one short-lived ``bytes``
-copy of the PIN per call (argon2-cffi accepts nothing else) and drops it at once.
+Argon2id runs through :mod:`appliance.argon2id`, which reads the PIN where the caller
+keeps it (a wipeable buffer): no ``bytes`` copy of a PIN is made here.
 """
 
 from __future__ import annotations
@@ -24,11 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from argon2.profiles import CHEAPEST, RFC_9106_LOW_MEMORY
-
-from appliance import codec
+from appliance import argon2id, codec
 from appliance.errors import CallerError, DeviceError, PinIncorrect, PinLocked
 from appliance.fsio import atomic_write, read_file
 from appliance.secret import SecretBytes
@@ -63,19 +56,15 @@ class Argon2Profile:
     memory_kib: int
     parallelism: int
 
-    def hasher(self) -> PasswordHasher:
-        """An argon2-cffi hasher with these parameters (type Argon2id)."""
-        return PasswordHasher(
-            time_cost=self.time_cost, memory_cost=self.memory_kib, parallelism=self.parallelism
-        )
+    def hash(self, pin: memoryview) -> str:
+        """The encoded Argon2id hash (PHC string) of ``pin``, with a fresh salt."""
+        return argon2id.hash_encoded(pin, self.time_cost, self.memory_kib, self.parallelism)
 
 
 #: RFC 9106 second recommendation (t=3, 64 MiB, p=4): production default.
-DEFAULT_PROFILE: Final = Argon2Profile(
-    RFC_9106_LOW_MEMORY.time_cost, RFC_9106_LOW_MEMORY.memory_cost, RFC_9106_LOW_MEMORY.parallelism
-)
+DEFAULT_PROFILE: Final = Argon2Profile(*argon2id.RFC_9106_LOW_MEMORY)
 #: argon2-cffi's cheapest parameters: tests only.
-TEST_PROFILE: Final = Argon2Profile(CHEAPEST.time_cost, CHEAPEST.memory_cost, CHEAPEST.parallelism)
+TEST_PROFILE: Final = Argon2Profile(*argon2id.CHEAPEST)
 
 
 def _path(home: Path) -> Path:
@@ -130,11 +119,7 @@ def set_pin(
         raise TypeError("pin must be SecretBytes")
     if not MIN_PIN <= len(pin) <= MAX_PIN:
         raise CallerError(f"a client PIN has {MIN_PIN} to {MAX_PIN} bytes")
-    secret = bytes(pin.view())  # argon2-cffi takes only bytes: one short-lived copy
-    try:
-        encoded = profile.hasher().hash(secret)
-    finally:
-        del secret
+    encoded = profile.hash(pin.view())
     with _lock:
         clients = _load(home)
         clients[client] = {"hash": encoded, "failures": 0}
@@ -171,14 +156,12 @@ def verify(
             raise PinLocked("client PIN locked")
         rec["failures"] += 1
         _save(home, clients)  # persisted before the answer (and before the check)
-        secret = bytes(pin)  # argon2-cffi takes only bytes: one short-lived copy
         try:
-            PasswordHasher().verify(rec["hash"], secret)
-        except (VerifyMismatchError, VerificationError):
-            raise PinIncorrect("client PIN incorrect") from None
-        except InvalidHashError:
+            with memoryview(pin) as view:
+                right = argon2id.matches(rec["hash"], view)
+        except ValueError:
             raise DeviceError(f"{STORE_FILE}: unreadable hash for {client!r}") from None
-        finally:
-            del secret
+        if not right:
+            raise PinIncorrect("client PIN incorrect")
         rec["failures"] = 0
         _save(home, clients)

@@ -1,6 +1,7 @@
 """Passphrase key derivation: PBKDF2-HMAC-SHA3-256 (default) or Argon2id.
 
-hazardous: use the service API.  This module is the only one that imports ``argon2``.
+hazardous: use the service API.  Argon2id runs through :mod:`appliance.argon2id`, which
+reads the passphrase and writes the key in place.
 
 ``pw_key`` is 32 bytes and lands straight in a :class:`SecretBytes`.  The parameters are
 recorded in the keystore header; nothing that could check a passphrase is (DESIGN §4).
@@ -13,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from argon2.low_level import Type, hash_secret_raw
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from appliance import argon2id
 from appliance.errors import CallerError
 from appliance.secret import SecretBytes
 
@@ -109,7 +110,8 @@ def calibrate(
         t = 1
         while True:
             t0 = time.perf_counter()
-            hash_secret_raw(b"calibration", salt, t, argon2_memory_kib, 4, PW_KEY_LEN, Type.ID)
+            scratch = memoryview(bytearray(PW_KEY_LEN))
+            argon2id.derive_into(memoryview(b"calibration"), salt, t, argon2_memory_kib, 4, scratch)
             took = time.perf_counter() - t0
             if took >= target_seconds * 0.7 or t >= 16:
                 break
@@ -129,20 +131,16 @@ def derive_pw_key(params: KdfParams, passphrase: SecretBytes) -> SecretBytes:
         kdf = PBKDF2HMAC(hashes.SHA3_256(), PW_KEY_LEN, params.salt, params.iterations)
         kdf.derive_into(passphrase.view(), out.view())
         return out
-    # argon2-cffi accepts only bytes: one short-lived copy, dropped right after.
-    secret = bytes(passphrase.view())
-    try:
-        raw = hash_secret_raw(
-            secret,
+    try:  # read and written in place: no copy of the passphrase or the key
+        argon2id.derive_into(
+            passphrase.view(),
             params.salt,
             params.time_cost,
             params.memory_kib,
             params.parallelism,
-            PW_KEY_LEN,
-            Type.ID,
+            out.view(),
         )
-        out.view()[:] = raw
-        del raw
-    finally:
-        del secret
+    except BaseException:
+        out.wipe()
+        raise
     return out
