@@ -144,9 +144,13 @@ def _get_session_info(c: Client, r: Reader, w: Writer) -> None:
 def _login(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     user = r.u()
-    pin = r.ay()
-    r.done()
-    c.login(s, user, pin)
+    pin = r.secret_ay()
+    try:
+        r.done()
+        c.login(s, user, pin)
+    finally:
+        if pin is not None:
+            pin.wipe()
 
 
 def _logout(c: Client, r: Reader, w: Writer) -> None:
@@ -352,6 +356,10 @@ REQUEST_SIGNATURES: Final = {k: v.request for k, v in CALLS.items()}
 
 #: C_Login (Argon2id) and C_GenerateKeyPair (token key generation, a WAL fsync).
 _LONG_CALLS: Final = frozenset({18, 59})
+
+#: Calls whose requests carry a PIN (C_InitToken, C_InitPIN, C_SetPIN, C_Login): the
+#: server hands them to :func:`dispatch` as a ``bytearray`` and wipes what it received.
+PIN_CALLS: Final = frozenset({9, 14, 15, 18})
 #: C_Sign and C_SignFinal: long unless one token call makes the signature (~0.15 ms).
 _SIGNING_CALLS: Final = frozenset({43, 45})
 #: C_Verify and C_VerifyFinal: long for ML-DSA, dual and composite (~0.5-1 ms).
@@ -367,7 +375,7 @@ _ALONE_CALLS: Final = frozenset({1, 2, 12, 18, 19, 22, 59})
 _LONG_BODY: Final = 64 * 1024
 
 
-def _session_of(body: bytes) -> int | None:
+def _session_of(body: bytes | bytearray) -> int | None:
     """The session handle a request names first (every call from C_CloseSession on,
     except C_CloseAllSessions), or None; never raises."""
     call_id = int.from_bytes(body[:4], "big")
@@ -379,7 +387,7 @@ def _session_of(body: bytes) -> int | None:
     return int.from_bytes(body[at : at + 8], "big")
 
 
-def runs_long(client: Client, body: bytes) -> bool:
+def runs_long(client: Client, body: bytes | bytearray) -> bool:
     """Whether the server should run this request on a worker thread, off its event loop.
 
     True for calls that take long: logins (Argon2id), key generation, messages over
@@ -420,7 +428,7 @@ class Plan(IntEnum):
     ALONE = 3
 
 
-def plan(client: Client, body: bytes) -> tuple[Plan, int | None]:
+def plan(client: Client, body: bytes | bytearray) -> tuple[Plan, int | None]:
     """How to run ``body`` on a multiplexed connection, and the session it names.
 
     Only single signatures and verifications that run long go beside other calls: they
@@ -439,12 +447,23 @@ def plan(client: Client, body: bytes) -> tuple[Plan, int | None]:
     return (Plan.INLINE_ALONE if call_id in _ALONE_CALLS else Plan.INLINE), session
 
 
-def dispatch(client: Client, body: bytes) -> bytes:
+def dispatch(client: Client, body: bytes | bytearray) -> bytes:
     """Run one request body and return the reply body.
+
+    A ``bytearray`` body (the server passes requests that carry a PIN so, see
+    :data:`PIN_CALLS`) is read in place and wiped before this returns.
 
     :raises ProtocolError: the body does not parse or its signature does not match the
         call; the caller closes the connection.
     """
+    try:
+        return _dispatch(client, body)
+    finally:
+        if isinstance(body, bytearray):
+            body[:] = bytes(len(body))
+
+
+def _dispatch(client: Client, body: bytes | bytearray) -> bytes:
     reader = Reader(body)
     call = CALLS.get(reader.call_id)
     if call is None:

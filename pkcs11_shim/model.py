@@ -42,7 +42,7 @@ from appliance import clientpins
 from appliance.algorithms import der_oid, load_spki, parse_alg
 from appliance.errors import CKR, NoSuchKey, SignatureInvalid
 from appliance.keys import KeyInfo, KeyKind, KeyState
-from appliance.secret import SecretBytes, ct_equal
+from appliance.secret import BytesLike, SecretBytes, ct_equal
 from appliance.service import Appliance, composite_public_key
 from appliance.signing import composite
 from appliance.signing.dual import CLASSICAL_IDS, MAX_USER_CONTEXT
@@ -547,7 +547,7 @@ class Pkcs11Model:
         self.label = info.label or "pqhsm"
         self.serial = info.serial or app.appliance_id[:16]
 
-    def check_pin(self, pin: bytes) -> None:
+    def check_pin(self, pin: SecretBytes | BytesLike) -> None:
         """Check a client PIN against the store, or (no store) the interim token PIN.
 
         :raises PinIncorrect: wrong PIN (counted toward the lockout).
@@ -555,7 +555,8 @@ class Pkcs11Model:
         :raises CkrError: ``CKR_USER_PIN_NOT_INITIALIZED``: no store and no fallback.
         """
         if clientpins.exists(self.pin_home):
-            clientpins.verify(self.pin_home, pin, max_failures=self.max_failures)
+            view = pin.view() if isinstance(pin, SecretBytes) else pin
+            clientpins.verify(self.pin_home, view, max_failures=self.max_failures)
             return
         if self._pin is None:
             raise CkrError(CKR.USER_PIN_NOT_INITIALIZED)
@@ -760,7 +761,7 @@ class Client:
             state = CKS_RW_PUBLIC_SESSION if rw else CKS_RO_PUBLIC_SESSION
         return SLOT_ID, state, s.flags, 0
 
-    def login(self, handle: int, user_type: int, pin: bytes | None) -> None:
+    def login(self, handle: int, user_type: int, pin: SecretBytes | BytesLike | None) -> None:
         self._session(handle)
         if user_type != CKU_USER:
             raise CkrError(CKR.USER_TYPE_INVALID)

@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Final, TypeAlias
 
 from appliance.errors import CKR, CallerError
+from appliance.secret import SecretBytes
 
 __all__ = [
     "HANDSHAKE",
@@ -242,10 +243,12 @@ class Reader:
 
     __slots__ = ("_buf", "_pos", "call_id", "signature")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes | bytearray) -> None:
         if len(body) > MAX_MESSAGE:
             raise ProtocolError("message too large")
-        self._buf = bytes(body)
+        # A bytearray body (one that carries a PIN) is read in place, never copied into an
+        # immutable object; its owner wipes it once the call is done.
+        self._buf: bytes | bytearray = body if isinstance(body, bytearray) else bytes(body)
         self._pos = 0
         self.call_id = self._u32()
         sig = self._bytes()
@@ -256,7 +259,7 @@ class Reader:
         except UnicodeDecodeError:
             raise ProtocolError("bad signature") from None
 
-    def _take(self, n: int) -> bytes:
+    def _take(self, n: int) -> bytes | bytearray:
         end = self._pos + n
         if n < 0 or end > len(self._buf):
             raise ProtocolError("truncated message")
@@ -274,13 +277,17 @@ class Reader:
             raise ProtocolError("array too long")
         return n
 
-    def _bytes(self) -> bytes | None:
+    def _length(self) -> int | None:
         n = self._u32()
         if n == NULL_LEN:
             return None
         if n >= 0x7FFFFFFF:
             raise ProtocolError("bad length")
-        return self._take(n)
+        return n
+
+    def _bytes(self) -> bytes | None:
+        n = self._length()
+        return None if n is None else bytes(self._take(n))
 
     def u(self) -> int:
         """A CK_ULONG (u64)."""
@@ -302,17 +309,34 @@ class Reader:
 
     s = z
 
-    def ay(self) -> bytes | None:
-        """A byte array; None for a NULL array or a length-only array."""
+    def _array_length(self) -> int | None:
+        """A byte array's validity byte and length: None for NULL or length-only."""
         valid = self.y()
         if valid == 0:
-            n = self._u32()
-            if n > MAX_MESSAGE:
+            if self._u32() > MAX_MESSAGE:
                 raise ProtocolError("bad length")
             return None
         if valid != 1:
             raise ProtocolError("bad validity byte")
-        return self._bytes()
+        return self._length()
+
+    def ay(self) -> bytes | None:
+        """A byte array; None for a NULL array or a length-only array."""
+        n = self._array_length()
+        return None if n is None else bytes(self._take(n))
+
+    def secret_ay(self) -> SecretBytes | None:
+        """A byte array that holds a secret (a PIN): copied once, from the body, into a
+        buffer the caller wipes; None as :meth:`ay`."""
+        n = self._array_length()
+        if n is None:
+            return None
+        start, end = self._pos, self._pos + n
+        if end > len(self._buf):
+            raise ProtocolError("truncated message")
+        self._pos = end
+        with memoryview(self._buf) as view:
+            return SecretBytes(view[start:end])
 
     def au(self) -> tuple[int, ...] | None:
         """An array of CK_ULONG; None when only the count is sent."""

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Final
 
 from appliance.errors import ConfigError
-from pkcs11_shim.dispatch import Plan, dispatch, plan, runs_long
+from pkcs11_shim.dispatch import PIN_CALLS, Plan, dispatch, plan, runs_long
 from pkcs11_shim.model import Client, Pkcs11Model
 from pkcs11_shim.options import DEFAULT_IDLE_TIMEOUT
 from pkcs11_shim.rpc import HEADER, MAX_MESSAGE, ProtocolError, encode_frame
@@ -380,19 +380,36 @@ class Server:
             end = start + body_len
             if len(buf) < end:
                 return
-            body = bytes(buf[start:end])
+            secret = int.from_bytes(buf[start : start + 4], "big") in PIN_CALLS
+            body = self._take_secret(buf, start, end) if secret else bytes(buf[start:end])
             if conn.mux:
                 if not self._start_mux(conn, code, body):
+                    if isinstance(body, bytearray):  # read again when it may run
+                        body[:] = bytes(len(body))
                     return  # the request stays in the buffer until it may run
-                del buf[:end]
+                self._consume(buf, end, secret)
                 continue
-            del buf[:end]
+            self._consume(buf, end, secret)
             if runs_long(conn.client, body):
                 conn.busy = True
                 self._rearm(conn)
                 self._submit(conn, self._long_call, conn, code, body)
                 return
             self._send(conn, encode_frame(code, dispatch(conn.client, body)))
+
+    @staticmethod
+    def _take_secret(buf: bytearray, start: int, end: int) -> bytearray:
+        """A request that carries a PIN, copied once into a buffer :func:`dispatch` wipes."""
+        with memoryview(buf) as view:
+            return bytearray(view[start:end])
+
+    def _consume(self, buf: bytearray, end: int, secret: bool) -> None:
+        """Drop the first ``end`` bytes of a connection's buffer; a request that carried a
+        PIN is overwritten first, and so is the loop's receive buffer it came through."""
+        if secret:
+            buf[:end] = bytes(end)
+            self._rview[:] = bytes(len(self._rview))
+        del buf[:end]
 
     def _submit(self, conn: _Conn, call: Callable[..., None], *args: object) -> None:
         pool = self._pool
@@ -403,7 +420,7 @@ class Server:
         except RuntimeError:  # the server is closing: this client is done
             self._drop(conn)
 
-    def _start_mux(self, conn: _Conn, code: int, body: bytes) -> bool:
+    def _start_mux(self, conn: _Conn, code: int, body: bytes | bytearray) -> bool:
         """Run or hand off one request of a multiplexed connection; False when it must
         wait for calls in flight (the connection then stops reading: ``stalled``).
 
@@ -434,7 +451,9 @@ class Server:
             self._submit(conn, self._parallel_call, conn, code, body, session)
         return True
 
-    def _parallel_call(self, conn: _Conn, code: int, body: bytes, session: int | None) -> None:
+    def _parallel_call(
+        self, conn: _Conn, code: int, body: bytes | bytearray, session: int | None
+    ) -> None:
         """Worker side of a multiplexed connection's call: run it and send its reply,
         beside the loop and other workers serving the same connection."""
         error = None
@@ -473,7 +492,7 @@ class Server:
             conn.stalled = False
             self._resume(conn, b"")
 
-    def _long_call(self, conn: _Conn, code: int, body: bytes) -> None:
+    def _long_call(self, conn: _Conn, code: int, body: bytes | bytearray) -> None:
         """Worker side: run one call and answer it, or queue the reply for the loop."""
         try:
             frame: bytes | None = encode_frame(code, dispatch(conn.client, body))

@@ -41,12 +41,15 @@ from p11raw import private_key_template
 from p11raw import u32 as _u32
 from p11raw import u64 as _u64
 
+from appliance import clientpins
 from appliance.errors import CKR
 from appliance.keys import KeyInfo, KeyState
+from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from conftest import PIN, pkcs11_server
+from pkcs11_shim import dispatch as dispatch_module
 from pkcs11_shim import model as model_module
-from pkcs11_shim.dispatch import CALLS
+from pkcs11_shim.dispatch import CALLS, PIN_CALLS
 from pkcs11_shim.model import SLOT_ID, CkrError, Client, cka_id_of
 from pkcs11_shim.rpc import HANDSHAKE, Attribute, AttrValue, Mechanism, Reader, request_body
 from pkcs11_shim.server import Server
@@ -314,6 +317,65 @@ def test_half_frames_and_abrupt_closes(live: Live) -> None:
     p.ok(1, "ayyay", _ay(HANDSHAKE) + b"\x00" + b"\x01" + _u32(0xFFFFFFFF))
     assert p.ok(3, "").call_id == 3
     p.close()
+
+
+# -- PINs do not linger ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["interim token PIN", "client PIN store"])
+def test_pins_are_wiped_from_every_server_buffer(
+    live: Live, monkeypatch: pytest.MonkeyPatch, store: bool
+) -> None:
+    """A right and a wrong C_Login, and a C_SetPIN the server refuses: each request body
+    (a bytearray, never bytes) and each PIN handed to the check end up all zeros, and
+    neither PIN is left in the loop's receive buffer or a connection's buffer."""
+    wrong = b"not-the-pin-0000"
+    if store:
+        home = live.server.model.pin_home
+        clientpins.set_pin(home, SecretBytes(PIN), profile=clientpins.TEST_PROFILE)
+    bodies: list[bytes | bytearray] = []
+    pins: list[object] = []
+    real_dispatch, real_check = dispatch_module.dispatch, model_module.Pkcs11Model.check_pin
+
+    def dispatch(client: Client, body: bytes | bytearray) -> bytes:
+        if int.from_bytes(body[:4], "big") in PIN_CALLS:
+            bodies.append(body)
+        return real_dispatch(client, body)
+
+    def check_pin(self: model_module.Pkcs11Model, pin: SecretBytes) -> None:
+        pins.append(pin)
+        real_check(self, pin)
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", dispatch)
+    monkeypatch.setattr(model_module.Pkcs11Model, "check_pin", check_pin)
+    right = Peer(live.server.path)
+    s = right.login_session()
+    right.sign(s, right.find_private(s, live.key), os.urandom(32))  # logged in for real
+    other = Peer(live.server.path)
+    other.ok(1, "ayyay", _ay(HANDSHAKE) + b"\x00" + b"\x01" + _u32(0xFFFFFFFF))
+    s2 = other.ok(10, "uu", _u64(SLOT_ID) + _u64(0x6)).u()
+    replies = [
+        Reader(other.frame(request_body(18, "uuay", _u64(s2) + _u64(1) + _ay(wrong)))[1]),
+        Reader(other.frame(request_body(15, "uayay", _u64(s2) + _ay(PIN) + _ay(wrong)))[1]),
+    ]
+    assert [(r.call_id, r.u()) for r in replies] == [
+        (0, CKR.PIN_INCORRECT),
+        (0, CKR.FUNCTION_NOT_SUPPORTED),
+    ]
+    assert len(bodies) == 3
+    assert len(pins) == 2
+    for body in bodies:
+        assert isinstance(body, bytearray)
+        assert not any(body)
+    for pin in pins:
+        assert isinstance(pin, SecretBytes)
+        assert not any(pin.view())
+    buffers = [bytes(live.server._rbuf), *(bytes(c.inbuf) for c in live.server._conns.values())]
+    for buf in buffers:
+        assert PIN not in buf
+        assert wrong not in buf
+    right.close()
+    other.close()
 
 
 # -- peer credentials -------------------------------------------------------------------------
