@@ -202,7 +202,17 @@ typedef struct {
     size_t cap;
     int failed;  /* out of memory or over MAX_MESSAGE */
     int too_big; /* over MAX_MESSAGE */
+    int secret;  /* holds a PIN: every copy is wiped before it is freed */
 } wbuf;
+
+/* Free a request's buffer; one that held a PIN is overwritten first. */
+static void w_release(wbuf *w)
+{
+    if (w->secret && w->data != NULL)
+        explicit_bzero(w->data, w->cap);
+    free(w->data);
+    w->data = NULL;
+}
 
 static void w_raw(wbuf *w, const void *p, size_t n)
 {
@@ -216,10 +226,15 @@ static void w_raw(wbuf *w, const void *p, size_t n)
         size_t cap = w->cap ? w->cap : 256;
         while (cap < w->len + n)
             cap *= 2;
-        uint8_t *d = realloc(w->data, cap);
+        /* a secret buffer grows by copy and wipe: realloc would free the old block as is */
+        uint8_t *d = w->secret ? malloc(cap) : realloc(w->data, cap);
         if (d == NULL) {
             w->failed = 1;
             return;
+        }
+        if (w->secret && w->data != NULL) {
+            memcpy(d, w->data, w->len);
+            w_release(w);
         }
         w->data = d;
         w->cap = cap;
@@ -719,13 +734,13 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
 {
     memset(reply, 0, sizeof(*reply));
     if (req->failed) {
-        free(req->data);
+        w_release(req);
         return req->too_big ? CKR_ARGUMENTS_BAD : CKR_HOST_MEMORY;
     }
     if (g_conn == NULL) {
         CK_RV rv = connect_server();
         if (rv != CKR_OK) {
-            free(req->data);
+            w_release(req);
             return CKR_DEVICE_ERROR;
         }
     }
@@ -751,7 +766,7 @@ static CK_RV transact(wbuf *req, uint32_t call_id, const char *reply_sig, rbuf *
     else if (ok)
         ok = sendv_all(c->fd, iov, 3) == 0 && read_frame(c->fd, &rcode, &buf, &blen) == 0;
     free(head.data);
-    free(req->data);
+    w_release(req);
     if (!ok || rcode != code) {
         free(buf);
         conn_fail(c);
@@ -1400,6 +1415,7 @@ CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR
     ENTER();
     wbuf w;
     w_begin(&w, CALL_Login, "uuay");
+    w.secret = 1;
     w_u64(&w, hSession);
     w_u64(&w, userType);
     w_ay(&w, pPin, ulPinLen);

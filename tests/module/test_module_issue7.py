@@ -1041,6 +1041,35 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     assert int(r.stdout.split()[0]) >= 3
 
 
+def test_module_frees_no_block_holding_the_pin(env: Env, driver: Path, tmp_path: Path) -> None:
+    """The C driver logs in and signs through the module with an LD_PRELOAD probe that
+    checks every heap block freed or reallocated for the PIN: none is (the module wipes
+    its C_Login request before freeing it).  The probe's self-test frees one such block
+    first, so a probe that saw nothing cannot pass."""
+    probe = tmp_path / "freecheck.so"
+    flags = ["-std=c11", "-O1", "-fno-builtin", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
+    cc = subprocess.run(
+        ["gcc", *flags, str(HERE / "freecheck.c"), "-o", str(probe), "-ldl"],
+        capture_output=True,
+        check=False,
+    )
+    assert cc.returncode == 0, cc.stderr.decode()
+    report = tmp_path / "report"
+    probe_env = {"LD_PRELOAD": str(probe), "FREECHECK_PIN": PIN.decode()}
+    probe_env["FREECHECK_OUT"] = str(report)
+    cmd = [str(driver), "mldsa", PIN.decode(), env.keys["mldsa"].label, "0.2"]
+    for selftest in (True, False):
+        report.unlink(missing_ok=True)
+        extra = {"FREECHECK_SELFTEST": "1"} if selftest else {}
+        r = subprocess.run(
+            cmd, env={**env.env(), **probe_env, **extra}, capture_output=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert int(r.stdout.split()[0]) >= 1  # logged in and signed
+        lines = report.read_text().splitlines() if report.exists() else []
+        assert len(lines) == (1 if selftest else 0), lines
+
+
 # -- size queries the module answers itself ---------------------------------------------------
 
 # Child: each step ends with C_GetSessionInfo, which marks it in the server's call log.
