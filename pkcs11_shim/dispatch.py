@@ -19,11 +19,15 @@ from appliance.errors import CKR, ApplianceError, to_ckr
 from pkcs11_shim.model import CkrError, Client
 from pkcs11_shim.rpc import ProtocolError, Reader, Writer, error_body
 
-__all__ = ["CALLS", "Call", "dispatch", "runs_long"]
+__all__ = ["CALLS", "CALL_SIGN_ONCE", "Call", "dispatch", "runs_long"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Client, Reader, Writer], None]
+
+#: Extension v4 (README): ``C_SignInit`` + ``C_Sign`` in one request, ``uMuayfy`` ->
+#: ``ay``; outside p11-kit's call ids.
+CALL_SIGN_ONCE: Final = 0x8001
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +220,26 @@ def _sign(c: Client, r: Reader, w: Writer) -> None:
     _output(w, size, c.sign_length(s), lambda: c.sign(s, data))
 
 
+def _sign_once(c: Client, r: Reader, w: Writer) -> None:
+    """Extension v4: ``C_SignInit`` and ``C_Sign`` in one request (README).  A failing
+    init part answers its own error; a short buffer keeps the operation, as ``C_Sign``
+    does; any other failure ends it."""
+    s = r.u()
+    mech = r.m()
+    key = r.u()
+    data = r.ay()
+    size = r.fy()
+    r.done()
+    if not c.sign_once:
+        raise CkrError(CKR.FUNCTION_NOT_SUPPORTED)
+    c.sign_init(s, mech, key)
+    try:
+        _output(w, size, c.sign_length(s), lambda: c.sign(s, data))
+    except BaseException:
+        c.sign_abort(s)
+        raise
+
+
 def _sign_update(c: Client, r: Reader, w: Writer) -> None:
     s = r.u()
     data = r.ay()
@@ -348,6 +372,7 @@ CALLS: Final[dict[int, Call]] = {
     51: Call("C_VerifyFinal", "uay", "", _verify_final),
     59: Call("C_GenerateKeyPair", "uMaAaA", "uu", _generate_key_pair),
     64: Call("C_GenerateRandom", "ufy", "ay", _generate_random),
+    CALL_SIGN_ONCE: Call("pqhsm_SignOnce", "uMuayfy", "ay", _sign_once),
 }
 
 #: Request signatures of the supported calls (for generic decoding).
@@ -360,8 +385,9 @@ _LONG_CALLS: Final = frozenset({18, 59})
 #: Calls whose requests carry a PIN (C_InitToken, C_InitPIN, C_SetPIN, C_Login): the
 #: server hands them to :func:`dispatch` as a ``bytearray`` and wipes what it received.
 PIN_CALLS: Final = frozenset({9, 14, 15, 18})
-#: C_Sign and C_SignFinal: long unless one token call makes the signature (~0.15 ms).
-_SIGNING_CALLS: Final = frozenset({43, 45})
+#: C_Sign, C_SignFinal and the v4 combined signature: long unless one token call makes
+#: the signature (~0.15 ms).
+_SIGNING_CALLS: Final = frozenset({43, 45, CALL_SIGN_ONCE})
 #: C_Verify and C_VerifyFinal: long for ML-DSA, dual and composite (~0.5-1 ms).
 _VERIFY_CALLS: Final = frozenset({49, 51})
 #: CKM_ECDSA, CKM_ECDSA_SHA256/384/512, CKM_EDDSA: one token call (or one classical
@@ -406,6 +432,9 @@ def runs_long(client: Client, body: bytes | bytearray) -> bool:
         return False
     if signing and body[-4:] == b"\0\0\0\0":
         return False
+    if call_id == CALL_SIGN_ONCE:  # no operation yet: the mechanism follows the session
+        at = 16 + int.from_bytes(body[4:8], "big")
+        return int.from_bytes(body[at : at + 4], "big") not in _CLASSICAL_MECHANISMS
     handle = _session_of(body)
     session = None if handle is None else client.sessions.get(handle)
     if session is None:

@@ -664,8 +664,9 @@ class Client:
     """
 
     model: Pkcs11Model
-    extended: bool = False  # negotiated the pqhsm extension (version byte 0x50 or 0x51)
-    sized_sign_init: bool = False  # extension v2 (0x51): C_SignInit replies the length
+    extended: bool = False  # negotiated the pqhsm extension (version byte 0x50 to 0x53)
+    sized_sign_init: bool = False  # extension v2 and up: C_SignInit replies the length
+    sign_once: bool = False  # extension v4 (0x53): C_SignInit + C_Sign in one request
     initialized: bool = False
     logged_in: bool = False
     sessions: dict[int, Session] = field(default_factory=dict)
@@ -927,6 +928,13 @@ class Client:
             op.end()  # no operation the client was not told of
             raise
         return op.length
+
+    def sign_abort(self, handle: int) -> None:
+        """End the session's signing operation, if any (a combined request failed after
+        its C_SignInit part: the client is told of no operation)."""
+        s = self.sessions.get(handle)
+        if s is not None:
+            s.sign.end()
 
     def sign_length(self, handle: int) -> int:
         """The signature length of the active operation (for size queries).

@@ -2,7 +2,7 @@
 
 The socket file is 0600 inside a directory only its owner can enter (0700), and every
 peer's uid (``SO_PEERCRED``) must be ours or root's.  After the one-byte version handshake
-(the client offers 0, p11-kit, or 0x50-0x52, the pqhsm extension of libpqhsm-pkcs11.so, and
+(the client offers 0, p11-kit, or 0x50-0x53, the pqhsm extension of libpqhsm-pkcs11.so, and
 we echo it; any other byte closes the connection), the client sends frames as three writes
 (header, options, body).  A frame that does not parse closes that connection only; every
 other client keeps being served.
@@ -17,7 +17,7 @@ signature 430 µs inline, 660 µs through the pool).  Calls that may take long
 fsync, ML-DSA, dual and composite signing, which ``cryptography`` does without the GIL,
 and messages over 64 KiB) go to a small worker pool; the connection is taken out of the
 loop until its reply is ready, so a client never has two calls in flight, and the loop
-keeps serving everyone else.  A multiplexed connection (extension v3) is the exception:
+keeps serving everyone else.  A multiplexed connection (extension v3, v4) is the exception:
 its client may have several calls out at once (one per application thread), so the loop
 keeps reading it, answers its short calls at once and runs its long signatures and
 verifications of different sessions side by side, each worker sending its reply as soon
@@ -74,6 +74,9 @@ EXTENSION_VERSION_2: Final = 0x51
 #: v3: v2, and the connection is multiplexed: a client may send requests while earlier
 #: ones run, and replies come back as they are ready, each with its request's code.
 EXTENSION_VERSION_3: Final = 0x52
+#: v4: v3, and a repeated signature may travel as one request (C_SignInit + C_Sign,
+#: :data:`~pkcs11_shim.dispatch.CALL_SIGN_ONCE`): one round trip per signature.
+EXTENSION_VERSION_4: Final = 0x53
 MAX_CONNECTIONS: Final = 64
 #: Calls of one multiplexed connection running on workers at once; more wait their turn.
 MAX_IN_FLIGHT: Final = 16
@@ -360,10 +363,16 @@ class Server:
                 version = buf[0]
                 del buf[:1]
                 log.debug("client offers protocol version %d", version)
-                if version in (EXTENSION_VERSION, EXTENSION_VERSION_2, EXTENSION_VERSION_3):
+                if version in (
+                    EXTENSION_VERSION,
+                    EXTENSION_VERSION_2,
+                    EXTENSION_VERSION_3,
+                    EXTENSION_VERSION_4,
+                ):
                     conn.client.extended = True
                     conn.client.sized_sign_init = version != EXTENSION_VERSION
-                    conn.mux = version == EXTENSION_VERSION_3
+                    conn.client.sign_once = version == EXTENSION_VERSION_4
+                    conn.mux = version in (EXTENSION_VERSION_3, EXTENSION_VERSION_4)
                 elif version != PROTOCOL_VERSION:
                     raise ProtocolError(f"unsupported protocol version {version}")
                 conn.handshaken = True

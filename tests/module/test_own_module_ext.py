@@ -290,7 +290,7 @@ def test_p11kit_client_sees_no_extension(ext: Ext) -> None:
     assert out.count("Private Key Object; EC") == 2, out  # p256 and the HYBRID key
 
 
-@pytest.mark.parametrize("version", [1, 0x53, 0xFF])
+@pytest.mark.parametrize("version", [1, 0x54, 0xFF])
 def test_unknown_version_byte_closes(ext: Ext, version: int) -> None:
     path = ext.server.address.removeprefix("unix:path=")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -300,7 +300,7 @@ def test_unknown_version_byte_closes(ext: Ext, version: int) -> None:
         assert s.recv(1) == b""
 
 
-@pytest.mark.parametrize("version", [0, 0x50, 0x51, 0x52])
+@pytest.mark.parametrize("version", [0, 0x50, 0x51, 0x52, 0x53])
 def test_known_version_byte_echoed(ext: Ext, version: int) -> None:
     path = ext.server.address.removeprefix("unix:path=")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
