@@ -3,11 +3,13 @@
  *
  * Forwards PKCS#11 calls over a Unix socket to the appliance's front end
  * (python -m pkcs11_shim serve), speaking the p11-kit 0.24 RPC protocol (offering the
- * pqhsm extension, version bytes 0x52 to 0x50, and accepting a plain version-0 answer),
+ * pqhsm extension, version bytes 0x53 to 0x50, and accepting a plain version-0 answer),
  * exactly as p11-kit's client module encodes it (DESIGN §8).  One connection per
  * process.  With a server that speaks extension v3 the connection is multiplexed: each
  * thread sends its request and waits for the reply with its request's code, so the
- * threads of an application sign side by side; otherwise one request at a time.
+ * threads of an application sign side by side; otherwise one request at a time.  With
+ * v4, a C_SignInit that repeats the session's last successful one is sent together with
+ * the C_Sign that follows it (one round trip per signature, see g_inits).
  *
  * Every reply field is bounds-checked; anything malformed, truncated or out of order
  * becomes CKR_DEVICE_ERROR and drops the connection, which the next call reopens.
@@ -41,6 +43,7 @@
 #define EXTENSION_VERSION 0x50   /* pqhsm extension v1 (README.md) */
 #define EXTENSION_VERSION_2 0x51 /* v2: C_SignInit replies the signature length */
 #define EXTENSION_VERSION_3 0x52 /* v3: v2, multiplexed (replies matched by code) */
+#define EXTENSION_VERSION_4 0x53 /* v4: v3, C_SignInit + C_Sign in one request */
 #define MAX_SIGN_CONTEXT 255u
 #define PARAM_MAX (12u + MAX_SIGN_CONTEXT)
 
@@ -50,6 +53,7 @@ static const char MODULE_NAME[] = "libpqhsm-pkcs11.so";
 /* p11-kit call ids (rpc-message.h, protocol version 0). */
 enum {
     CALL_ERROR = 0,
+    CALL_SignOnce = 0x8001, /* extension v4: "uMuayfy" -> "ay", C_SignInit + C_Sign */
     CALL_Initialize = 1,
     CALL_Finalize = 2,
     CALL_GetInfo = 3,
@@ -128,6 +132,15 @@ static conn *g_conn;
 static unsigned g_generation; /* counts connections: state kept per connection checks it */
 static int g_atfork_registered;
 static int g_sized; /* the server speaks extension v2: C_SignInit replies the length */
+static int g_once;  /* the server speaks extension v4: CALL_SignOnce */
+
+/* What a C_SignInit asked for: the mechanism (parameter as encoded) and the key. */
+typedef struct {
+    uint32_t mech;
+    uint32_t param_len; /* 0: no parameter */
+    uint8_t param[PARAM_MAX];
+    CK_OBJECT_HANDLE key;
+} sign_init_t;
 
 /*
  * Signing operations this module knows to be active, with the signature length the
@@ -144,9 +157,74 @@ static struct {
     CK_SESSION_HANDLE session;
     CK_ULONG length;
     int used;
+    int deferred; /* v4: not sent yet; goes with the C_Sign (init says what it was) */
+    sign_init_t init;
 } g_sign_ops[SIGN_OPS];
 
-static void sign_ops_clear(void) { memset(g_sign_ops, 0, sizeof(g_sign_ops)); }
+/*
+ * Extension v4: per session, the last C_SignInit the server accepted, and the length it
+ * gave.  A C_SignInit that repeats it exactly, with no operation active, is not sent:
+ * the module answers CKR_OK and keeps the operation as deferred; the C_Sign that ends it
+ * travels with it (CALL_SignOnce), so a signer that signs again and again with one key
+ * makes one round trip per signature instead of two.  Anything else on a deferred
+ * operation (C_SignUpdate, C_SignFinal with a buffer) sends the C_SignInit first.  Why
+ * the C_SignInit can be predicted: it failed last time for none of its own arguments,
+ * and what could make it fail now goes through this module and clears the entry
+ * (C_CloseSession, C_CloseAllSessions, C_Logout, C_DestroyObject, a new connection), or
+ * is a change made by another application (its key destroyed or migrated past its
+ * classical part): then the combined request fails, and C_Sign returns that error,
+ * exactly as a C_Sign after a real C_SignInit would had the change come between them.
+ * A failed combined request forgets the session's entry.  Under g_lock.
+ */
+static struct {
+    CK_SESSION_HANDLE session;
+    CK_ULONG length;
+    int used;
+    sign_init_t init;
+} g_inits[SIGN_OPS];
+
+static void sign_ops_clear(void)
+{
+    memset(g_sign_ops, 0, sizeof(g_sign_ops));
+    memset(g_inits, 0, sizeof(g_inits));
+}
+
+static void inits_forget(CK_SESSION_HANDLE h)
+{
+    for (int i = 0; i < SIGN_OPS; i++)
+        if (g_inits[i].used && g_inits[i].session == h)
+            g_inits[i].used = 0;
+}
+
+static void inits_remember(CK_SESSION_HANDLE h, const sign_init_t *init, CK_ULONG length)
+{
+    int i = -1;
+    for (int j = 0; j < SIGN_OPS && i < 0; j++)
+        if (g_inits[j].used && g_inits[j].session == h)
+            i = j;
+    for (int j = 0; j < SIGN_OPS && i < 0; j++)
+        if (!g_inits[j].used)
+            i = j;
+    if (i < 0)
+        i = (int)(h % SIGN_OPS); /* full: replace one */
+    g_inits[i].session = h;
+    g_inits[i].length = length;
+    g_inits[i].init = *init;
+    g_inits[i].used = 1;
+}
+
+/* The slot of session h's remembered C_SignInit if it is exactly init, else -1. */
+static int inits_match(CK_SESSION_HANDLE h, const sign_init_t *init)
+{
+    for (int i = 0; i < SIGN_OPS; i++) {
+        const sign_init_t *k = &g_inits[i].init;
+        if (g_inits[i].used && g_inits[i].session == h && k->mech == init->mech &&
+            k->key == init->key && k->param_len == init->param_len &&
+            memcmp(k->param, init->param, init->param_len) == 0)
+            return i;
+    }
+    return -1;
+}
 
 static int sign_op_find(CK_SESSION_HANDLE h)
 {
@@ -163,17 +241,22 @@ static void sign_op_forget(CK_SESSION_HANDLE h)
         g_sign_ops[i].used = 0;
 }
 
-static void sign_op_remember(CK_SESSION_HANDLE h, CK_ULONG length)
+/* Remember an active operation (deferred: init says what to send); its slot, or -1. */
+static int sign_op_remember(CK_SESSION_HANDLE h, CK_ULONG length, const sign_init_t *deferred)
 {
     int i = sign_op_find(h);
     for (int j = 0; i < 0 && j < SIGN_OPS; j++)
         if (!g_sign_ops[j].used)
             i = j;
     if (i < 0)
-        return;
+        return -1;
     g_sign_ops[i].session = h;
     g_sign_ops[i].length = length;
     g_sign_ops[i].used = 1;
+    g_sign_ops[i].deferred = deferred != NULL;
+    if (deferred != NULL)
+        g_sign_ops[i].init = *deferred;
+    return i;
 }
 
 static void atfork_prepare(void)
@@ -410,7 +493,7 @@ static void conn_fail(conn *c)
     }
     if (g_conn == c) {
         g_conn = NULL;
-        g_sized = 0;
+        g_sized = g_once = 0;
         sign_ops_clear(); /* the server's sessions went with the connection */
         conn_unref(c);
     }
@@ -674,14 +757,14 @@ static CK_RV connect_server(void)
 {
     struct sockaddr_un sa;
     conf_t conf;
-    g_sized = 0;
+    g_sized = g_once = 0;
     sign_ops_clear();
     read_conf(&conf);
     if (parse_address(&sa, &conf) < 0)
         return CKR_DEVICE_ERROR;
     /*
-     * Offer the pqhsm extension, v3 first; a server that does not know a version closes
-     * the connection, so v2 and v1 are offered next; a plain p11-kit server answers 0
+     * Offer the pqhsm extension, v4 first; a server that does not know a version closes
+     * the connection, so v3, v2 and v1 are offered next; a plain p11-kit server answers 0
      * (version 0 only).
      * PQHSM_EXTENSION=off offers version 0: the connection then shows exactly what
      * p11-kit-client.so shows (for clients such as libp11 0.4.12 that stop enumerating
@@ -691,7 +774,9 @@ static CK_RV connect_server(void)
     const char *ext = getenv("PQHSM_EXTENSION");
     int off = (ext != NULL && *ext != '\0') ? strcmp(ext, "off") == 0 : conf.extension_off == 1;
     uint8_t version = 0;
-    int fd = negotiate(&sa, off ? 0 : EXTENSION_VERSION_3, &version);
+    int fd = negotiate(&sa, off ? 0 : EXTENSION_VERSION_4, &version);
+    if (fd < 0 && !off)
+        fd = negotiate(&sa, EXTENSION_VERSION_3, &version);
     if (fd < 0 && !off)
         fd = negotiate(&sa, EXTENSION_VERSION_2, &version);
     if (fd < 0 && !off)
@@ -707,7 +792,8 @@ static CK_RV connect_server(void)
     c->refs = 1;
     g_conn = c;
     g_generation++;
-    g_sized = version == EXTENSION_VERSION_2 || version == EXTENSION_VERSION_3;
+    g_sized = version == EXTENSION_VERSION_2 || version == EXTENSION_VERSION_3 ||
+              version == EXTENSION_VERSION_4;
     wbuf w;
     rbuf r;
     w_begin(&w, CALL_Initialize, "ayyay");
@@ -720,8 +806,10 @@ static CK_RV connect_server(void)
     free(r.data);
     if (rv != CKR_OK)
         disconnect();
-    else
-        c->mux = version == EXTENSION_VERSION_3;
+    else {
+        c->mux = version == EXTENSION_VERSION_3 || version == EXTENSION_VERSION_4;
+        g_once = version == EXTENSION_VERSION_4;
+    }
     return rv;
 }
 
@@ -1148,7 +1236,7 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
             free(g_conn);
         }
         g_conn = NULL;
-        g_sized = 0;
+        g_sized = g_once = 0;
         sign_ops_clear();
         g_initialized = 0;
     }
@@ -1360,8 +1448,10 @@ static CK_RV one_ulong_call(uint32_t call_id, CK_ULONG value)
     w_begin(&w, call_id, "u");
     w_u64(&w, value);
     CK_RV rv = simple_call(&w, call_id);
-    if (call_id == CALL_CloseSession)
+    if (call_id == CALL_CloseSession) {
         sign_op_forget(value);
+        inits_forget(value);
+    }
     else if (call_id == CALL_CloseAllSessions || (call_id == CALL_Logout && rv == CKR_OK))
         sign_ops_clear(); /* one slot: every session; logout ends every operation */
     LEAVE(rv);
@@ -1556,6 +1646,23 @@ static CK_RV encode_sign_param(const CK_MECHANISM *m, uint8_t *out, size_t *out_
     return CKR_MECHANISM_PARAM_INVALID; /* no other mechanism takes a parameter */
 }
 
+/* Send C_SignInit on an extended (v2+) connection; its reply gives *length. */
+static CK_RV send_sign_init(CK_SESSION_HANDLE h, const sign_init_t *init, CK_ULONG *length)
+{
+    wbuf w;
+    w_begin(&w, CALL_SignInit, "uMu");
+    w_u64(&w, h);
+    w_u32(&w, init->mech);
+    w_bytes(&w, init->param_len ? init->param : NULL, init->param_len); /* empty: none */
+    w_u64(&w, init->key);
+    rbuf r;
+    CK_RV rv = transact(&w, CALL_SignInit, "u", &r);
+    if (rv != CKR_OK)
+        return rv;
+    *length = r_ulong(&r);
+    return finish(&r, CKR_OK);
+}
+
 /* C_SignInit and C_VerifyInit: "uMu" with the extension's parameter encoding. */
 static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
                             CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
@@ -1565,34 +1672,47 @@ static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
     if (pMechanism->mechanism > 0xffffffffUL || pMechanism->mechanism == CKM_RSA_PKCS_PSS ||
         pMechanism->mechanism == CKM_RSA_PKCS_OAEP)
         return CKR_MECHANISM_INVALID;
-    uint8_t param[PARAM_MAX];
+    sign_init_t init;
+    memset(&init, 0, sizeof(init));
     size_t param_len = 0;
-    CK_RV prv = encode_sign_param(pMechanism, param, &param_len);
+    CK_RV prv = encode_sign_param(pMechanism, init.param, &param_len);
     if (prv != CKR_OK)
         return prv;
+    init.mech = (uint32_t)pMechanism->mechanism;
+    init.param_len = (uint32_t)param_len;
+    init.key = hKey;
     ENTER();
     if (g_conn == NULL && connect_server() != CKR_OK) /* the reply form depends on the server */
         LEAVE(CKR_DEVICE_ERROR);
-    wbuf w;
-    w_begin(&w, call_id, "uMu");
-    w_u64(&w, hSession);
-    w_u32(&w, (uint32_t)pMechanism->mechanism);
-    w_bytes(&w, param_len ? param : NULL, param_len); /* empty: no parameter */
-    w_u64(&w, hKey);
-    if (call_id != CALL_SignInit || !g_sized)
+    if (call_id != CALL_SignInit || !g_sized) {
+        wbuf w;
+        w_begin(&w, call_id, "uMu");
+        w_u64(&w, hSession);
+        w_u32(&w, init.mech);
+        w_bytes(&w, param_len ? init.param : NULL, param_len); /* empty: no parameter */
+        w_u64(&w, hKey);
         LEAVE(simple_call(&w, call_id));
+    }
+    int op = sign_op_find(hSession);
+    if (op >= 0 && g_sign_ops[op].deferred)
+        LEAVE(CKR_OPERATION_ACTIVE); /* what the server answers for an active one */
+    /* v4: the session's last accepted C_SignInit again: it goes with the C_Sign */
+    int k = g_once && op < 0 ? inits_match(hSession, &init) : -1;
+    if (k >= 0 && sign_op_remember(hSession, g_inits[k].length, &init) >= 0)
+        LEAVE(CKR_OK);
     /* extended C_SignInit replies "u": the length size queries will be answered */
-    rbuf r;
     unsigned generation = g_generation;
-    CK_RV rv = transact(&w, call_id, "u", &r);
-    if (rv != CKR_OK)
-        LEAVE(rv);
-    CK_ULONG length = r_ulong(&r);
-    rv = finish(&r, CKR_OK);
+    CK_ULONG length = 0;
+    CK_RV rv = send_sign_init(hSession, &init, &length);
     /* (while this thread waited, another may have seen the connection break and opened
      * a new one: this operation died with the old one) */
-    if (rv == CKR_OK && length > 0 && length < MAX_MESSAGE && generation == g_generation)
-        sign_op_remember(hSession, length);
+    if (generation == g_generation && rv == CKR_OK && length > 0 && length < MAX_MESSAGE) {
+        sign_op_remember(hSession, length, NULL);
+        if (g_once)
+            inits_remember(hSession, &init, length);
+    } else if (generation == g_generation && rv != CKR_OK) {
+        inits_forget(hSession);
+    }
     LEAVE(rv);
 }
 
@@ -1632,6 +1752,62 @@ static CK_RV output_call(wbuf *w, uint32_t call_id, CK_SESSION_HANDLE hSession,
 }
 
 /*
+ * C_Sign on a deferred operation (v4, g_inits): its C_SignInit and this C_Sign in one
+ * request.  The server answers as C_Sign would, or with the C_SignInit's error; a short
+ * buffer leaves its operation active (then no longer deferred).
+ */
+static CK_RV sign_once(CK_SESSION_HANDLE h, int op, const CK_BYTE *data, CK_ULONG len,
+                       CK_BYTE_PTR pOut, CK_ULONG_PTR pulOutLen)
+{
+    const sign_init_t *init = &g_sign_ops[op].init;
+    wbuf w;
+    w_begin(&w, CALL_SignOnce, "uMuayfy");
+    w_u64(&w, h);
+    w_u32(&w, init->mech);
+    w_bytes(&w, init->param_len ? init->param : NULL, init->param_len);
+    w_u64(&w, init->key);
+    w_ay(&w, data, len);
+    w_fbuf(&w, pOut, *pulOutLen);
+    unsigned generation = g_generation;
+    rbuf r;
+    CK_RV rv = transact(&w, CALL_SignOnce, "ay", &r);
+    if (rv == CKR_OK)
+        rv = finish(&r, read_byte_out(&r, pOut, pulOutLen));
+    if (generation != g_generation)
+        return rv; /* the connection, and every operation, went meanwhile */
+    if (rv == CKR_BUFFER_TOO_SMALL || (rv == CKR_OK && pOut == NULL)) {
+        sign_op_remember(h, *pulOutLen, NULL); /* the server's operation now */
+        return rv;
+    }
+    sign_op_forget(h);
+    if (rv != CKR_OK)
+        inits_forget(h); /* the next C_SignInit asks the server again */
+    return rv;
+}
+
+/* A deferred operation used by anything but C_Sign: send its C_SignInit now. */
+static CK_RV send_deferred(CK_SESSION_HANDLE h)
+{
+    int op = sign_op_find(h);
+    if (op < 0 || !g_sign_ops[op].deferred)
+        return CKR_OK;
+    sign_init_t init = g_sign_ops[op].init;
+    unsigned generation = g_generation;
+    CK_ULONG length = 0;
+    CK_RV rv = send_sign_init(h, &init, &length);
+    if (generation != g_generation)
+        return rv;
+    if (rv == CKR_OK && length > 0 && length < MAX_MESSAGE) {
+        sign_op_remember(h, length, NULL);
+        return rv;
+    }
+    sign_op_forget(h); /* failed, or a length this module does not answer with */
+    if (rv != CKR_OK)
+        inits_forget(h);
+    return rv;
+}
+
+/*
  * C_Sign and C_Digest ("uayfy" -> "ay"): data in, bytes out, with PKCS#11's size query
  * (NULL output) and short-buffer rules decided by the server.
  */
@@ -1645,8 +1821,11 @@ static CK_RV data_out_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE
     ENTER();
     if (call_id == CALL_Sign && answer_size_locally(hSession, pOut, pulOutLen))
         LEAVE(pOut == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL);
-    wbuf w;
     static const CK_BYTE empty[1] = {0};
+    int op = call_id == CALL_Sign ? sign_op_find(hSession) : -1;
+    if (op >= 0 && g_sign_ops[op].deferred)
+        LEAVE(sign_once(hSession, op, pData ? pData : empty, ulDataLen, pOut, pulOutLen));
+    wbuf w;
     w_begin(&w, call_id, "uayfy");
     w_u64(&w, hSession);
     w_ay(&w, pData ? pData : empty, ulDataLen);
@@ -1663,6 +1842,9 @@ static CK_RV final_out_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYT
     ENTER();
     if (call_id == CALL_SignFinal && answer_size_locally(hSession, pOut, pulOutLen))
         LEAVE(pOut == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL);
+    CK_RV sent = call_id == CALL_SignFinal ? send_deferred(hSession) : CKR_OK;
+    if (sent != CKR_OK)
+        LEAVE(sent);
     wbuf w;
     w_begin(&w, call_id, "ufy");
     w_u64(&w, hSession);
@@ -1689,7 +1871,9 @@ static CK_RV update_call(uint32_t call_id, CK_SESSION_HANDLE hSession, CK_BYTE_P
     ENTER();
     static const CK_BYTE empty[1] = {0};
     CK_ULONG done = 0;
-    CK_RV rv = CKR_OK;
+    CK_RV rv = call_id == CALL_SignUpdate ? send_deferred(hSession) : CKR_OK;
+    if (rv != CKR_OK)
+        LEAVE(rv);
     do {
         CK_ULONG n = ulPartLen - done > SIGN_CHUNK ? SIGN_CHUNK : ulPartLen - done;
         wbuf w;
@@ -1887,7 +2071,9 @@ CK_RV C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
     w_begin(&w, CALL_DestroyObject, "uu");
     w_u64(&w, hSession);
     w_u64(&w, hObject);
-    LEAVE(simple_call(&w, CALL_DestroyObject));
+    CK_RV rv = simple_call(&w, CALL_DestroyObject);
+    memset(g_inits, 0, sizeof(g_inits)); /* a remembered C_SignInit may name it */
+    LEAVE(rv);
 }
 
 /* --------------------------------------------------- unsupported + the table -- */

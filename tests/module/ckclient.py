@@ -33,6 +33,15 @@ class Pkcs11Error(Exception):
         self.rv = rv
 
 
+def rv_of(call: object, *args: object) -> int:
+    """Run a :class:`Module` method; the CKR it failed with, or 0."""
+    try:
+        call(*args)  # type: ignore[operator]
+    except Pkcs11Error as exc:
+        return exc.rv
+    return CKR_OK
+
+
 class Attribute(ctypes.Structure):
     _fields_ = (("type", CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", CK_ULONG))
 

@@ -69,6 +69,7 @@ CKR_DATA_LEN_RANGE = 0x21
 CKR_KEY_TYPE_INCONSISTENT = 0x63
 CKR_MECHANISM_PARAM_INVALID = 0x71
 CKR_OPERATION_ACTIVE = 0x90
+CKR_KEY_HANDLE_INVALID = 0x60
 CKR_OPERATION_NOT_INITIALIZED = 0x91
 CKR_BUFFER_TOO_SMALL = 0x150
 CKR_SESSION_HANDLE_INVALID = 0xB3
@@ -173,7 +174,9 @@ def _ecdsa_pub(key: KeyInfo) -> ec.EllipticCurvePublicKey:
     return pub
 
 
-def _verify_raw_ecdsa(key: KeyInfo, sig: bytes, msg: bytes, algo: hashes.HashAlgorithm) -> None:
+def _verify_raw_ecdsa(
+    key: KeyInfo, sig: bytes, msg: bytes, algo: hashes.HashAlgorithm | utils.Prehashed
+) -> None:
     half = len(sig) // 2
     der = encode_dss_signature(int.from_bytes(sig[:half]), int.from_bytes(sig[half:]))
     _ecdsa_pub(key).verify(der, msg, ec.ECDSA(algo))
@@ -425,7 +428,7 @@ def test_verify_extension_mechanisms(env: Env, build: Build) -> None:
 _MULTIPART = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from ckclient import Module, Pkcs11Error
+from ckclient import Module, rv_of as rv
 m = Module(sys.argv[2]); m.initialize()
 s = m.open_session(); m.login(s, sys.argv[3].encode())
 ids = json.loads(sys.argv[4])
@@ -433,13 +436,6 @@ p256 = m.find(s, 3, 3, bytes.fromhex(ids["p256"]))
 ed = m.find(s, 3, 0x40, bytes.fromhex(ids["ed25519"]))
 ml = m.find(s, 3, 0x4A, bytes.fromhex(ids["mldsa"]))
 out = {}
-
-def rv(f, *a):
-    try:
-        f(*a)
-        return 0
-    except Pkcs11Error as exc:
-        return exc.rv
 
 # mixing: C_Sign after C_SignUpdate is refused and ends the operation
 m.sign_init(s, 0x1044, p256); m.sign_update(s, b"part")
@@ -1176,12 +1172,113 @@ def test_module_answers_signature_size_queries_itself(
     _mldsa_pub(key).verify(bytes.fromhex(str(multi[2])), msg)
     assert steps[3] == [42, 44, 44, 45]
     assert out["after_logout"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
-    assert steps[4] == [42, 19, 43]  # logout ended it on both sides
+    # (extension v4: that C_SignInit repeated the session's last one, so it waited for
+    # its C_Sign; the logout dropped it unsent)
+    assert steps[4] == [19, 43]  # logout ended it on both sides
     assert out["after_close"] == CKR_SESSION_HANDLE_INVALID
     assert steps[5][-1] == 43
 
 
 SIG = MLDSA87_SIG_LEN
+
+# Child process for extension v4: ML-DSA and ECDSA signatures with a repeated C_SignInit,
+# what ends or sends a deferred one, and (after "go" on stdin) a key migrated past its
+# classical part by another application while a C_SignInit on it is deferred.
+_SIGN_ONCE = r"""
+import ctypes, hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from ckclient import CK_ULONG, Module, rv_of as rv
+m = Module(sys.argv[2]); m.initialize()
+pin = sys.argv[3].encode()
+s = m.open_session(); m.login(s, pin)
+ml = m.find(s, 3, 0x4a, bytes.fromhex(sys.argv[4]))
+ec = m.find(s, 3, 3, bytes.fromhex(sys.argv[5]))
+stale = m.find(s, 3, 3, bytes.fromhex(sys.argv[6]))
+msg, digest = b"one round trip", hashlib.sha256(b"one round trip").digest()
+out = {}
+info = (CK_ULONG * 4)()
+def step(name, value):
+    out[name] = value
+    m.check("C_GetSessionInfo", CK_ULONG(s), info)
+def signs(key, mech, data, n, context=None):
+    got = []
+    for _ in range(n):
+        m.sign_init(s, mech, key, context)
+        got.append(m.sign(s, data).hex())
+    return got
+step("mldsa", signs(ml, 0x1d, msg, 3))
+step("context", signs(ml, 0x1d, msg, 2, b"ctx"))
+step("ecdsa", signs(ec, 0x1041, digest, 2))
+m.sign_init(s, 0x1041, ec)
+step("twice", rv(m.sign_init, s, 0x1041, ec))
+step("after_twice", m.sign(s, digest).hex())
+step("ml_again", signs(ml, 0x1d, msg, 1))
+m.sign_init(s, 0x1d, ml)
+m.sign_update(s, msg[:3]); m.sign_update(s, msg[3:])
+step("multi", m.sign_final(s).hex())
+signs(stale, 0x1041, digest, 1)
+m.sign_init(s, 0x1041, stale)
+step("deferred", 0)
+print("ready", flush=True)
+sys.stdin.readline()
+n = CK_ULONG(64)
+buf = ctypes.create_string_buffer(64)
+step("stale", m.call("C_Sign", CK_ULONG(s), digest, CK_ULONG(32), buf, ctypes.byref(n)))
+step("stale_again", rv(m.sign_init, s, 0x1041, stale))
+step("after_stale", signs(ec, 0x1041, digest, 1))
+m.finalize()
+print(json.dumps(out))
+"""
+
+
+def test_repeated_sign_init_travels_with_its_sign(env: Env, calls: list[int]) -> None:
+    """Extension v4: a C_SignInit that repeats the session's last accepted one goes to the
+    server with the C_Sign after it, one request (0x8001) per signature; a different
+    parameter, a second C_SignInit, multi-part signing and a key that another application
+    migrated meanwhile all keep PKCS#11's answers."""
+    stale = env.app.create_key("ecdsa-p256", "i7-v4-stale")
+    b = env.builds["plain"]
+    argv = [sys.executable, "-c", _SIGN_ONCE, str(HERE), str(b.module), PIN.decode()]
+    argv += [_id(env.keys["mldsa"]), _id(env.keys["p256"]), _id(stale)]
+    with subprocess.Popen(
+        argv, env=env.env(b), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        env.app.migrate(env.app.key(stale.key_id), KeyState.PQC_ONLY)  # "another app"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out = json.loads(child.stdout.read())
+        assert child.wait(timeout=60) == 0
+    steps = _steps(calls)
+    once = 0x8001
+    assert steps[0][-4:] == [42, 43, once, once]  # the first C_SignInit is asked, then not
+    pub = _mldsa_pub(env.keys["mldsa"])
+    for sig in _results(out["mldsa"]):
+        pub.verify(bytes.fromhex(str(sig)), b"one round trip")
+    assert steps[1] == [42, 43, once]  # another parameter (a context) is asked again
+    for sig in _results(out["context"]):
+        pub.verify(bytes.fromhex(str(sig)), b"one round trip", b"ctx")
+    assert steps[2] == [42, 43, once]
+    digest = hashlib.sha256(b"one round trip").digest()
+    prehashed = utils.Prehashed(hashes.SHA256())
+    for sig in [*_results(out["ecdsa"]), out["after_twice"]]:
+        _verify_raw_ecdsa(env.keys["p256"], bytes.fromhex(str(sig)), digest, prehashed)
+    assert out["twice"] == CKR_OPERATION_ACTIVE
+    assert steps[3] == []
+    assert steps[4] == [once]
+    assert steps[5] == [42, 43]  # one C_SignInit is remembered per session: the ECDSA one
+    pub.verify(bytes.fromhex(str(out["multi"])), b"one round trip")
+    assert steps[6] == [42, 44, 44, 45]  # C_SignUpdate sends the deferred C_SignInit first
+    assert steps[7] == [42, 43]  # and the last C_SignInit here is deferred: nothing sent
+    assert out["stale"] == CKR_KEY_HANDLE_INVALID
+    assert steps[8] == [once]
+    assert out["stale_again"] == CKR_KEY_HANDLE_INVALID
+    assert steps[9] == [42]
+    after = bytes.fromhex(str(_results(out["after_stale"])[0]))
+    _verify_raw_ecdsa(env.keys["p256"], after, digest, prehashed)
+    assert steps[10] == [42, 43]  # a failed C_SignInit is not remembered
 
 
 def _results(value: object) -> list[object]:
@@ -1201,7 +1298,7 @@ def test_plain_protocol_keeps_size_queries_on_the_server(
     single = _results(out["single"])
     assert single[:3] == [[0, 64], [CKR_BUFFER_TOO_SMALL, 64], [0, 64]]
     algo = utils.Prehashed(hashes.SHA256())
-    _verify_raw_ecdsa(key, bytes.fromhex(str(single[3])), digest, algo)  # type: ignore[arg-type]
+    _verify_raw_ecdsa(key, bytes.fromhex(str(single[3])), digest, algo)
     steps = _steps(calls)
     assert steps[1] == [42, 43, 43, 43]  # every query crossed the wire
     assert out["after_end"] == [CKR_OPERATION_NOT_INITIALIZED, 0]
@@ -1209,16 +1306,18 @@ def test_plain_protocol_keeps_size_queries_on_the_server(
 
 @pytest.mark.parametrize(
     ("server", "steps"),
-    [("v2", [42, 43]), ("v1", [42, 43, 43, 43])],
-    ids=["v2-only server", "v1-only server"],
+    [("v3", [42, 43]), ("v2", [42, 43]), ("v1", [42, 43, 43, 43])],
+    ids=["v3-only server", "v2-only server", "v1-only server"],
 )
 def test_module_falls_back_to_older_extensions(
     env: Env, calls: list[int], monkeypatch: pytest.MonkeyPatch, server: str, steps: list[int]
 ) -> None:
     """An older server closes on the bytes it does not know: the module reconnects
-    offering v2, then v1, and keeps every mechanism (ML-DSA signs); size queries stay in
+    offering v3, then v2, then v1, and keeps every mechanism (ML-DSA signs); size queries stay in
     the module on v2 and go back to the server on v1."""
-    monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_3", 0x7E)
+    monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_4", 0x7D)
+    if server != "v3":
+        monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_3", 0x7E)
     if server == "v1":
         monkeypatch.setattr("pkcs11_shim.server.EXTENSION_VERSION_2", 0x7F)
     key = env.keys["mldsa"]
