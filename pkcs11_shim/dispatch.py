@@ -432,8 +432,8 @@ def runs_long(client: Client, body: bytes | bytearray) -> bool:
         return False
     if signing and body[-4:] == b"\0\0\0\0":
         return False
-    if call_id == CALL_SIGN_ONCE:  # no operation yet: the mechanism follows the session
-        at = 16 + int.from_bytes(body[4:8], "big")
+    if call_id == CALL_SIGN_ONCE:  # no operation yet: read the mechanism type, which
+        at = 16 + int.from_bytes(body[4:8], "big")  # follows the signature and session
         return int.from_bytes(body[at : at + 4], "big") not in _CLASSICAL_MECHANISMS
     handle = _session_of(body)
     session = None if handle is None else client.sessions.get(handle)

@@ -1646,15 +1646,21 @@ static CK_RV encode_sign_param(const CK_MECHANISM *m, uint8_t *out, size_t *out_
     return CKR_MECHANISM_PARAM_INVALID; /* no other mechanism takes a parameter */
 }
 
+/* The "uMu" fields of C_SignInit/C_VerifyInit (and the start of CALL_SignOnce). */
+static void w_init_fields(wbuf *w, CK_SESSION_HANDLE h, const sign_init_t *init)
+{
+    w_u64(w, h);
+    w_u32(w, init->mech);
+    w_bytes(w, init->param_len ? init->param : NULL, init->param_len); /* empty: none */
+    w_u64(w, init->key);
+}
+
 /* Send C_SignInit on an extended (v2+) connection; its reply gives *length. */
 static CK_RV send_sign_init(CK_SESSION_HANDLE h, const sign_init_t *init, CK_ULONG *length)
 {
     wbuf w;
     w_begin(&w, CALL_SignInit, "uMu");
-    w_u64(&w, h);
-    w_u32(&w, init->mech);
-    w_bytes(&w, init->param_len ? init->param : NULL, init->param_len); /* empty: none */
-    w_u64(&w, init->key);
+    w_init_fields(&w, h, init);
     rbuf r;
     CK_RV rv = transact(&w, CALL_SignInit, "u", &r);
     if (rv != CKR_OK)
@@ -1687,10 +1693,7 @@ static CK_RV operation_init(uint32_t call_id, CK_SESSION_HANDLE hSession,
     if (call_id != CALL_SignInit || !g_sized) {
         wbuf w;
         w_begin(&w, call_id, "uMu");
-        w_u64(&w, hSession);
-        w_u32(&w, init.mech);
-        w_bytes(&w, param_len ? init.param : NULL, param_len); /* empty: no parameter */
-        w_u64(&w, hKey);
+        w_init_fields(&w, hSession, &init);
         LEAVE(simple_call(&w, call_id));
     }
     int op = sign_op_find(hSession);
@@ -1762,10 +1765,7 @@ static CK_RV sign_once(CK_SESSION_HANDLE h, int op, const CK_BYTE *data, CK_ULON
     const sign_init_t *init = &g_sign_ops[op].init;
     wbuf w;
     w_begin(&w, CALL_SignOnce, "uMuayfy");
-    w_u64(&w, h);
-    w_u32(&w, init->mech);
-    w_bytes(&w, init->param_len ? init->param : NULL, init->param_len);
-    w_u64(&w, init->key);
+    w_init_fields(&w, h, init);
     w_ay(&w, data, len);
     w_fbuf(&w, pOut, *pulOutLen);
     unsigned generation = g_generation;
