@@ -1,6 +1,6 @@
 """PKCS#11 signing through libpqhsm-pkcs11.so vs p11-kit-client.so vs direct, in one run.
 
-Run: ``.venv/bin/python bench/bench_module.py [SECONDS]`` (about 40 s with the default 3 s).
+Run: ``.venv/bin/python bench/bench_module.py [SECONDS]`` (about 2.5 min with the default 3 s).
 
 Setup: one appliance (``pqhsm init --embedded-softhsm``) with an ECDSA P-256, an Ed25519
 and an ML-DSA-87 key, served by ``python -m pkcs11_shim serve`` in its own process.  The
@@ -17,7 +17,17 @@ processes (python-pkcs11) that sign for SECONDS and records every call's latency
   size query between them itself); the ``driver mldsa`` rows are a C client passing a
   4627-byte buffer at once, with one thread and with two threads (each on its own session)
   sharing the process's one multiplexed connection (extension v3), against
-  ``cryptography`` signing in one process on as many threads.
+  ``cryptography`` signing in one process on as many threads.  The ML-DSA setups run in
+  WINDOWS alternating windows of SECONDS each (one row: WINDOWS x SECONDS), as load
+  from elsewhere on a shared machine swings single runs by +-15 %.
+* The round-trip floor: a minimal signer (``cryptography`` in a forked process, one
+  thread blocked on a Unix socket: receive, sign, send) and a client making one round
+  trip per signature, no PKCS#11 and no server logic.  No design that signs in another
+  process beats it on the same machine, so the one-client module rows also print their
+  ratio to it: what pqhsm adds, apart from what a round trip costs here.
+* All on CPU 0 (with ``taskset``): the server (every thread), one client and the
+  in-process baseline pinned to one CPU.  On a VM, waking a halted virtual CPU is most of
+  a cross-CPU round trip's cost; pinned, what remains is the software's own.
 
 Per-call overhead of the module itself (target <= 20 us).  ``tests/module/driver.c`` is
 linked against the module and, in C, (a) times N ``C_GetSessionInfo`` calls through the
@@ -40,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hardware.lab import make_home
@@ -50,6 +61,8 @@ SOURCE = ROOT / "pkcs11_shim" / "c"
 DRIVER = ROOT / "tests" / "module" / "driver.c"
 P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 CC = ("gcc", "-std=c11", "-O2", "-pthread")
+#: The ML-DSA-87 setups alternate in this many windows of SECONDS each.
+WINDOWS = 3
 SOFTHSM = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 
 WORKER = r"""
@@ -95,6 +108,39 @@ print(json.dumps([x for lat in lats for x in lat]))
 """
 
 
+#: The floor of any design that signs in another process: a minimal signer (one thread
+#: blocked on a Unix socket: receive, sign, send) and a client making one round trip per
+#: signature, no PKCS#11 and no server logic.  What it loses against in-process signing
+#: is what a round trip costs on this machine; the module rows are measured against it too.
+ROUND_TRIP_FLOOR = r"""
+import json, os, socket, sys, time
+from cryptography.hazmat.primitives.asymmetric import mldsa
+seconds = float(sys.argv[1])
+data = bytes(range(64))
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+pid = os.fork()
+if pid == 0:
+    ours.close()
+    key = mldsa.MLDSA87PrivateKey.generate()
+    while (message := theirs.recv(64)):
+        theirs.sendall(key.sign(message))
+    os._exit(0)
+theirs.close()
+lat = []
+end = time.perf_counter() + seconds
+while time.perf_counter() < end:
+    t0 = time.perf_counter()
+    ours.sendall(data)
+    got = 0
+    while got < 4627:
+        got += len(ours.recv(8192))
+    lat.append(time.perf_counter() - t0)
+ours.close()
+os.waitpid(pid, 0)
+print(json.dumps(lat))
+"""
+
+
 def run(argvs: list[list[str]], env: dict[str, str], timeout: float) -> list[float]:
     """Run the client processes at once; all their latencies."""
     procs = [
@@ -110,11 +156,15 @@ def run(argvs: list[list[str]], env: dict[str, str], timeout: float) -> list[flo
     return lat
 
 
-def row(name: str, lat: list[float], seconds: float, base: float | None) -> tuple[str, float]:
+def row(
+    name: str, lat: list[float], seconds: float, base: float | None, floor: float | None = None
+) -> tuple[str, float]:
     lat.sort()
     rate = len(lat) / seconds
     p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
     ratio = f"{rate / base:.2f}x" if base else "baseline"
+    if floor:
+        ratio += f" ({rate / floor:.2f}x the round-trip floor)"
     text = f"| {name} | {rate:.0f}/s | {p50 * 1e3:.3f} ms | {p99 * 1e3:.3f} ms | {ratio} |"
     return text, rate
 
@@ -127,6 +177,88 @@ def overhead(
         cmd = ["taskset", "-c", pin, *cmd]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=120)
     return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+
+
+def c_latencies(argv: list[str], env: dict[str, str]) -> list[float]:
+    """Latencies printed by ``driver mldsa`` (nanoseconds after a count)."""
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=300)
+    return [int(x) / 1e9 for x in out.stdout.split()[1:]]
+
+
+def mldsa_rows(
+    seconds: float,
+    env: dict[str, str],
+    ours: dict[str, str],
+    py_client: list[str],
+    c_client: list[str],
+    server: int | None,
+) -> list[str]:
+    """The ML-DSA-87 rows, measured in WINDOWS alternating windows of SECONDS each so a
+    slow stretch of a shared machine hits every setup alike.
+
+    With ``server`` (its pid; needs ``taskset``), one client and the server (all its
+    threads) are also measured on CPU 0 only, against in-process signing on CPU 0: what
+    the software costs without the machine's cross-CPU wake-ups (on a VM, waking a halted
+    virtual CPU is most of what a round trip costs).
+    """
+    timeout = seconds + 120
+    inproc = [sys.executable, "-c", INPROCESS_MLDSA, str(seconds)]
+    one_cpu = ["taskset", "-c", "0"]
+    setups: dict[str, Callable[[], list[float]]] = {
+        "in1": lambda: run([[*inproc, "1"]], env, timeout),
+        "in2": lambda: run([[*inproc, "2"]], env, timeout),
+        "floor": lambda: run(
+            [[sys.executable, "-c", ROUND_TRIP_FLOOR, str(seconds)]], env, timeout
+        ),
+        "py1": lambda: run([py_client], ours, timeout),
+        "py2": lambda: run([py_client] * 2, ours, timeout),
+        "c1": lambda: c_latencies([*c_client, "1"], ours),
+        "c2": lambda: c_latencies([*c_client, "2"], ours),
+    }
+    pinned: dict[str, Callable[[], list[float]]] = {
+        "cpu0 in1": lambda: run([[*one_cpu, *inproc, "1"]], env, timeout),
+        "cpu0 py1": lambda: run([[*one_cpu, *py_client]], ours, timeout),
+        "cpu0 c1": lambda: c_latencies([*one_cpu, *c_client, "1"], ours),
+    }
+    lats: dict[str, list[float]] = {}
+    every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    for _ in range(WINDOWS):
+        for name, measure in setups.items():
+            lats.setdefault(name, []).extend(measure())
+        if server is None:
+            continue
+        subprocess.run(["taskset", "-a", "-p", "-c", "0", str(server)], capture_output=True)
+        try:
+            for name, measure in pinned.items():
+                lats.setdefault(name, []).extend(measure())
+        finally:
+            subprocess.run(["taskset", "-a", "-p", "-c", every, str(server)], capture_output=True)
+    total = seconds * WINDOWS
+    rate = {name: len(lat) / total for name, lat in lats.items()}
+    in1, in2, floor = rate["in1"], rate["in2"], rate["floor"]
+    table = (
+        ("in1", "ML-DSA-87: cryptography in-process, 1 thread", None, None),
+        ("in2", "ML-DSA-87: cryptography in-process, 2 threads", None, None),
+        ("floor", "ML-DSA-87: round-trip floor (a minimal signer in another process)", in1, None),
+        ("py1", "ML-DSA-87: via libpqhsm-pkcs11.so, python-pkcs11, 1 proc", in1, floor),
+        ("py2", "ML-DSA-87: via libpqhsm-pkcs11.so, python-pkcs11, 2 procs", in1, None),
+        ("c1", "ML-DSA-87: via libpqhsm-pkcs11.so, C client, 1 thread", in1, floor),
+        ("c2", "ML-DSA-87: via libpqhsm-pkcs11.so, C client, 2 threads, one connection", in2, None),
+        ("cpu0 in1", "ML-DSA-87, all on CPU 0: cryptography in-process, 1 thread", None, None),
+        ("cpu0 py1", "ML-DSA-87, all on CPU 0: via libpqhsm-pkcs11.so, python-pkcs11", None, None),
+        ("cpu0 c1", "ML-DSA-87, all on CPU 0: via libpqhsm-pkcs11.so, C client", None, None),
+    )
+    rows = []
+    for name, title, base, floor_rate in table:
+        if name not in lats:
+            continue
+        if name.startswith("cpu0 ") and name != "cpu0 in1":
+            base = rate["cpu0 in1"]
+        rows.append(row(title, lats[name], total, base, floor_rate)[0])
+    rows.append(
+        f"| ML-DSA-87: 2 python-pkcs11 procs vs 1 | {rate['py2'] / rate['py1']:.2f}x | | | |"
+    )
+    return rows
 
 
 def main() -> int:
@@ -207,28 +339,15 @@ def main() -> int:
                 for n in (1, 4):
                     lat = run([worker(mod, label, mech)] * n, e, timeout)
                     rows.append(row(f"{title}: via {name}, {n} proc", lat, seconds, base)[0])
-        base_by_threads: dict[int, float] = {}
-        for n in (1, 2):
-            inproc = [sys.executable, "-c", INPROCESS_MLDSA, str(seconds), str(n)]
-            text, base_by_threads[n] = row(
-                f"ML-DSA-87: cryptography in-process, {n} thread{'s' if n > 1 else ''}",
-                run([inproc], env, timeout),
-                seconds,
-                None,
-            )
-            rows.append(text)
-        base = base_by_threads[1]
-        for n in (1, 2):
-            lat = run([worker(str(module), "b-ml", "ML_DSA")] * n, ours, timeout)
-            rows.append(row(f"ML-DSA-87: via libpqhsm-pkcs11.so, {n} proc", lat, seconds, base)[0])
-        for n in (1, 2):
-            c_client = [str(driver), "mldsa", pin, "b-ml", str(seconds), str(n)]
-            out = subprocess.run(c_client, env=ours, capture_output=True, text=True, check=True)
-            lat = [int(x) / 1e9 for x in out.stdout.split()[1:]]
-            title = "ML-DSA-87: via libpqhsm-pkcs11.so, C client (no size query), 1 proc, " + (
-                "1 thread" if n == 1 else f"{n} threads on its one connection"
-            )
-            rows.append(row(title, lat, seconds, base_by_threads[n])[0])
+        c_client = [str(driver), "mldsa", pin, "b-ml", str(seconds)]
+        rows += mldsa_rows(
+            seconds,
+            env,
+            ours,
+            worker(str(module), "b-ml", "ML_DSA"),
+            c_client,
+            server.pid if pin_cpu else None,
+        )
         n_calls = 20000
         real = overhead(driver, ours, sock, n_calls, None)
         canned = overhead(
@@ -244,7 +363,10 @@ def main() -> int:
         server.wait(timeout=15)
         echo.wait(timeout=15)
         shutil.rmtree(root, ignore_errors=True)
-    print(f"# pqhsm module bench ({seconds:.0f} s per row, {os.cpu_count()} CPUs)\n")
+    print(
+        f"# pqhsm module bench ({seconds:.0f} s per row, ML-DSA {WINDOWS} x {seconds:.0f} s, "
+        f"{os.cpu_count()} CPUs)\n"
+    )
     print("| setup | signs/s | p50 | p99 | vs baseline |")
     print("|---|---|---|---|---|")
     for r in rows:
