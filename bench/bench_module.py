@@ -66,10 +66,11 @@ WINDOWS = 3
 SOFTHSM = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 
 WORKER = r"""
-import json, sys, time, hashlib
+import hashlib, json, os, sys, time
 import pkcs11
 from pkcs11 import Attribute, Mechanism, ObjectClass
-module, label, pin, seconds, mech = sys.argv[1:6]
+module, label, seconds, mech = sys.argv[1:5]
+pin = os.environ["PQHSM_TEST_PIN"]  # not argv: ps shows argv to everyone
 seconds = float(seconds)
 lib = pkcs11.lib(module)
 token = next(s.get_token() for s in lib.get_slots(token_present=True))
@@ -317,12 +318,13 @@ def main() -> int:
     try:
         while not sock.exists() or not echo_sock.exists():
             time.sleep(0.05)
-        direct = {**env, "SOFTHSM2_CONF": str(home / "softhsm" / "softhsm2.conf")}
-        ours = {**env, "PQHSM_SERVER_ADDRESS": f"unix:path={sock}"}
-        p11kit = {**env, "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"}
+        login = {"PQHSM_TEST_PIN": pin}  # the clients' PIN, in their environment only
+        direct = {**env, **login, "SOFTHSM2_CONF": str(home / "softhsm" / "softhsm2.conf")}
+        ours = {**env, **login, "PQHSM_SERVER_ADDRESS": f"unix:path={sock}"}
+        p11kit = {**env, **login, "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"}
 
         def worker(mod: str, label: str, mech: str) -> list[str]:
-            return [sys.executable, "-c", WORKER, mod, label, pin, str(seconds), mech]
+            return [sys.executable, "-c", WORKER, mod, label, str(seconds), mech]
 
         for title, label, mech in (("ECDSA P-256", "b-ec", "ECDSA"), ("Ed25519", "b-ed", "EDDSA")):
             text, base = row(
@@ -339,7 +341,7 @@ def main() -> int:
                 for n in (1, 4):
                     lat = run([worker(mod, label, mech)] * n, e, timeout)
                     rows.append(row(f"{title}: via {name}, {n} proc", lat, seconds, base)[0])
-        c_client = [str(driver), "mldsa", pin, "b-ml", str(seconds)]
+        c_client = [str(driver), "mldsa", "b-ml", str(seconds)]
         rows += mldsa_rows(
             seconds,
             env,

@@ -47,7 +47,8 @@ WORKER = r"""
 import json, os, sys, time, hashlib
 import pkcs11
 from pkcs11 import Attribute, Mechanism, ObjectClass
-module, label, pin, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+module, label, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+pin = os.environ["PQHSM_TEST_PIN"]  # not argv: ps shows argv to everyone
 lib = pkcs11.lib(module)
 token = next(s.get_token() for s in lib.get_slots(token_present=True))
 with token.open(user_pin=pin) as s:
@@ -64,10 +65,11 @@ print(json.dumps({"lat": lat, "cpu": time.process_time() - cpu}))
 """
 
 MLDSA_WORKER = r"""
-import json, sys, time
+import json, os, sys, time
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-module, label, pin, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+module, label, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+pin = os.environ["PQHSM_TEST_PIN"]  # not argv: ps shows argv to everyone
 lib = pkcs11.lib(module)
 token = lib.get_token()
 with token.open(user_pin=pin) as s:
@@ -102,8 +104,8 @@ def run_clients(
     """All the clients' latencies, and the CPU seconds their signing loops used."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", worker, module, label, pin, str(seconds)],
-            env=env,
+            [sys.executable, "-c", worker, module, label, str(seconds)],
+            env={**env, "PQHSM_TEST_PIN": pin},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

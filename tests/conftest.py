@@ -37,6 +37,26 @@ PIN = b"1234-test-pin"
 SO_PIN = b"5678-test-so-pin"
 PASSPHRASE = b"correct horse battery staple"
 CHEAP_PBKDF2 = 1_000  # tests only: production calibrates to about one second
+#: pkcs11-tool reads its PIN from this environment variable (``--pin env:NAME``, OpenSC
+#: 0.23+), never from its command line, which every user of the machine can read (ps).
+PIN_VAR = "PQHSM_TEST_PIN"
+PKCS11_TOOL_LOGIN = ("--login", "--pin", f"env:{PIN_VAR}")
+
+
+def pin_env(pin: str | bytes) -> dict[str, str]:
+    """The environment entry :data:`PKCS11_TOOL_LOGIN` reads the PIN from."""
+    return {PIN_VAR: pin.decode() if isinstance(pin, bytes) else pin}
+
+
+def pin_source(directory: Path, pin: bytes) -> str:
+    """A ``pkcs11:`` URI's ``pin-source`` attribute (RFC 7512) naming a 0600 file that
+    holds ``pin``: OpenSSL's engine logs in without the PIN on its command line."""
+    path = directory / "user-pin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pin)
+    return f"pin-source=file:{path}"
+
 
 if TYPE_CHECKING:
     from appliance.service import Appliance

@@ -34,7 +34,7 @@ from appliance.errors import CKR
 from appliance.keys import KeyInfo, KeyState
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import PIN, run_cli
+from conftest import PIN, PKCS11_TOOL_LOGIN, pin_env, run_cli
 from pkcs11_shim.launch import child_env, throwaway_init_args
 from pkcs11_shim.model import SLOT_ID, Pkcs11Model
 from pkcs11_shim.rpc import HANDSHAKE, Reader
@@ -66,10 +66,9 @@ class Served:
     ) -> subprocess.CompletedProcess[bytes]:
         cmd = ["pkcs11-tool", "--module", CLIENT_MODULE]
         if login:
-            cmd += ["--login", "--pin", pin.decode()]
-        return subprocess.run(
-            [*cmd, *args], env=self.env, capture_output=True, timeout=30, check=False
-        )
+            cmd += PKCS11_TOOL_LOGIN
+        env = {**self.env, **pin_env(pin)}
+        return subprocess.run([*cmd, *args], env=env, capture_output=True, timeout=30, check=False)
 
 
 @pytest.fixture
@@ -168,9 +167,7 @@ def test_two_clients_at_once(served: Served, tmp_path: Path) -> None:
                 "pkcs11-tool",
                 "--module",
                 CLIENT_MODULE,
-                "--login",
-                "--pin",
-                PIN.decode(),
+                *PKCS11_TOOL_LOGIN,
                 "--sign",
                 "-m",
                 "ECDSA",
@@ -181,7 +178,7 @@ def test_two_clients_at_once(served: Served, tmp_path: Path) -> None:
                 "--output-file",
                 str(tmp_path / f"sig{i}"),
             ],
-            env=served.env,
+            env={**served.env, **pin_env(PIN)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -478,8 +475,8 @@ def test_serve_entry_point(tmp_path: Path, entry: list[str]) -> None:
         assert line == f"P11_KIT_SERVER_ADDRESS=unix:path={sock}", proc.stderr
         assert sock.stat().st_mode & 0o777 == 0o600
         r = subprocess.run(
-            ["pkcs11-tool", "--module", CLIENT_MODULE, "--login", "--pin", pin.decode(), "-O"],
-            env={**env, "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"},
+            ["pkcs11-tool", "--module", CLIENT_MODULE, *PKCS11_TOOL_LOGIN, "-O"],
+            env={**env, **pin_env(pin), "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"},
             capture_output=True,
             timeout=30,
             check=False,

@@ -41,7 +41,7 @@ from appliance.errors import CallerError, DeviceError, PinIncorrect, PinLocked
 from appliance.keys import KeyInfo
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import PIN, pkcs11_server
+from conftest import PIN, pin_source, pkcs11_server
 from pkcs11_shim.server import Server
 
 pytestmark = [
@@ -441,7 +441,7 @@ def test_openssl_engine_signs(served2: Served, tmp_path: Path) -> None:
     )
     env = {**served2.env, "OPENSSL_CONF": str(conf)}
     key = served2.p256
-    uri = f"pkcs11:object={key.label};type=private;pin-value={PIN.decode()}"
+    uri = f"pkcs11:object={key.label};type=private;{pin_source(tmp_path, PIN)}"
     message = b"signed by openssl through the engine"
     (tmp_path / "msg").write_bytes(message)
     (tmp_path / "digest").write_bytes(hashlib.sha256(message).digest())

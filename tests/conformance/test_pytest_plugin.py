@@ -19,9 +19,10 @@ def test_my_app_signs_through_pkcs11(pqhsm_server, tmp_path):
     digest = tmp_path / "d"
     digest.write_bytes(hashlib.sha256(b"my app's message").digest())
     out = tmp_path / "s"
-    subprocess.run(base + ["--login", "--pin", pqhsm_server.pin, "--sign", "-m", "ECDSA",
+    # the PIN from the environment (OpenSC 0.23+), not from argv, which ps shows everyone
+    subprocess.run(base + ["--login", "--pin", "env:APP_PIN", "--sign", "-m", "ECDSA",
                            "--label", pqhsm_server.key_label, "-i", str(digest), "-o", str(out)],
-                   env=env, capture_output=True, check=True)
+                   env={**env, "APP_PIN": pqhsm_server.pin}, capture_output=True, check=True)
     assert len(out.read_bytes()) == 64
 
 def test_the_fixture_is_shared(pqhsm_server):

@@ -20,7 +20,7 @@ from crashkit import make_base
 
 from appliance import clientpins
 from appliance.secret import SecretBytes
-from conftest import read_until, run_cli
+from conftest import PKCS11_TOOL_LOGIN, pin_env, read_until, run_cli
 from hardware.console import set_so_pin
 from pkcs11_shim.launch import child_env, serve_argv
 
@@ -41,8 +41,8 @@ def _serve(home: Path, secrets: Path, sockdir: Path, console: str) -> list[str]:
 
 def _private_labels(env: dict[str, str], pin: str) -> list[str]:
     proc = subprocess.run(
-        ["pkcs11-tool", "--module", CLIENT_MODULE, "--login", "--pin", pin, "-O"],
-        env=env,
+        ["pkcs11-tool", "--module", CLIENT_MODULE, *PKCS11_TOOL_LOGIN, "-O"],
+        env={**env, **pin_env(pin)},
         capture_output=True,
         text=True,
         timeout=30,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import PKCS11_TOOL_LOGIN, pin_env, run_cli
 from pkcs11_shim.launch import throwaway_init_args
 
 pytestmark = pytest.mark.softhsm
@@ -225,10 +225,10 @@ def test_status_table(home: Path) -> None:
 
 
 def test_adopt_a_key_made_by_pkcs11_tool(home: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "SOFTHSM2_CONF": str(home / "softhsm" / "softhsm2.conf")}
     pin = (home.parent / "secrets" / "token-pin").read_text().strip()
+    env = {**os.environ, "SOFTHSM2_CONF": str(home / "softhsm" / "softhsm2.conf"), **pin_env(pin)}
     module = json.loads(ok("status", "--json", home=home))["token"]["module"]
-    base = ["pkcs11-tool", "--module", module, "--token-label", "pqhsm", "--login", "--pin", pin]
+    base = ["pkcs11-tool", "--module", module, "--token-label", "pqhsm", *PKCS11_TOOL_LOGIN]
     for label, key_id, extra in (
         ("legacy-1", "c0ffee01", ["--sensitive"]),
         ("leaky-1", "c0ffee02", ["--extractable"]),

@@ -448,19 +448,30 @@ __attribute__((noreturn)) static void echo(const char *path)
     }
 }
 
+/* The user PIN comes from $PQHSM_TEST_PIN, never from argv, which ps shows to everyone. */
+static const char *test_pin(void)
+{
+    const char *pin = getenv("PQHSM_TEST_PIN");
+    if (pin == NULL) {
+        fprintf(stderr, "driver: set PQHSM_TEST_PIN to the user PIN\n");
+        exit(2);
+    }
+    return pin;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[1], "echo") == 0)
         echo(argv[2]);
-    if ((argc == 5 || argc == 6) && strcmp(argv[1], "mldsa") == 0)
-        return mldsa_rate(argv[2], argv[3], atof(argv[4]), argc == 6 ? atoi(argv[5]) : 1);
-    if (argc == 5 && strcmp(argv[1], "check") == 0)
-        return check(argv[2], argv[3], argv[4]);
+    if ((argc == 4 || argc == 5) && strcmp(argv[1], "mldsa") == 0)
+        return mldsa_rate(test_pin(), argv[2], atof(argv[3]), argc == 5 ? atoi(argv[4]) : 1);
+    if (argc == 4 && strcmp(argv[1], "check") == 0)
+        return check(test_pin(), argv[2], argv[3]);
     if (argc == 4 && strcmp(argv[1], "overhead") == 0)
         return overhead(argv[2], atol(argv[3]));
-    fprintf(stderr, "usage: driver check PIN HYBRID_ID COMPOSITE_ID\n"
+    fprintf(stderr, "usage: PQHSM_TEST_PIN=... driver check HYBRID_ID COMPOSITE_ID\n"
+                    "       PQHSM_TEST_PIN=... driver mldsa LABEL SECONDS [THREADS]\n"
                     "       driver overhead SOCKET_PATH N\n"
-                    "       driver mldsa PIN LABEL SECONDS [THREADS]\n"
                     "       driver echo SOCKET_PATH\n");
     return 2;
 }

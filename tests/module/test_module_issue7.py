@@ -41,7 +41,7 @@ from appliance.errors import SignatureInvalid
 from appliance.keys import KeyInfo, KeyState
 from appliance.service import Appliance
 from appliance.signing.policy import Policy, load_public_keys, verify
-from conftest import PIN
+from conftest import PIN, PKCS11_TOOL_LOGIN, pin_env, pin_source
 from pkcs11_shim import model
 from pkcs11_shim.dispatch import dispatch
 from pkcs11_shim.model import cka_id_of
@@ -120,10 +120,9 @@ class Env:
         self, *args: str, build: Build | None = None, extra: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         module = build.module if build else self.module
-        cmd = ["pkcs11-tool", "--module", str(module), "--login", "--pin", PIN.decode(), *args]
-        r = subprocess.run(
-            cmd, env={**self.env(build), **(extra or {})}, capture_output=True, timeout=60
-        )
+        cmd = ["pkcs11-tool", "--module", str(module), *PKCS11_TOOL_LOGIN, *args]
+        env = {**self.env(build), **pin_env(PIN), **(extra or {})}
+        r = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
         if build:
             build.check(r)
         return r
@@ -132,8 +131,8 @@ class Env:
         """Run a ckclient script in a child process; its JSON output."""
         b = build or self.builds["plain"]
         r = subprocess.run(
-            [sys.executable, "-c", script, str(HERE), str(b.module), PIN.decode(), *args],
-            env=self.env(b),
+            [sys.executable, "-c", script, str(HERE), str(b.module), *args],
+            env={**self.env(b), **pin_env(PIN)},
             capture_output=True,
             timeout=120,
             check=False,
@@ -218,9 +217,10 @@ def test_pkcs11_tool_mldsa_sign(env: Env, tmp_path: Path) -> None:
     (tmp_path / "msg").write_bytes(msg)
     args = ["--sign", "-m", "0x1d", "--id", _id(key), "-i", str(tmp_path / "msg")]
     args += ["-o", str(tmp_path / "sig")]
-    cmd = ["pkcs11-tool", "--module", str(SPY), "--login", "--pin", PIN.decode(), *args]
+    cmd = ["pkcs11-tool", "--module", str(SPY), *PKCS11_TOOL_LOGIN, *args]
     spy_env = {
         **env.env(),
+        **pin_env(PIN),
         "PKCS11SPY": str(env.module),
         "PKCS11SPY_OUTPUT": str(tmp_path / "spy.log"),
     }
@@ -240,12 +240,12 @@ def test_pkcs11_tool_mldsa_sign(env: Env, tmp_path: Path) -> None:
 
 # Child: pkcs11-tool's exact call sequence, then with a large enough buffer.
 _TOOL_SEQUENCE = r"""
-import ctypes, json, sys
+import ctypes, json, os, sys
 sys.path.insert(0, sys.argv[1])
 from ckclient import CK_ULONG, Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
-s = m.open_session(); m.login(s, sys.argv[3].encode())
-key = m.find(s, 3, 0x4A, bytes.fromhex(sys.argv[4]))
+s = m.open_session(); m.login(s, os.environ["PQHSM_TEST_PIN"].encode())
+key = m.find(s, 3, 0x4A, bytes.fromhex(sys.argv[3]))
 msg = b"pkcs11-tool's sequence"
 out = {}
 m.sign_init(s, 0x1D, key)
@@ -352,8 +352,8 @@ sys.path.insert(0, sys.argv[1])
 from ckclient import CK_ULONG, Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
 s = m.open_session()  # verification needs no login: public objects
-ids = json.loads(sys.argv[4])
-sigs = json.loads(sys.argv[5])
+ids = json.loads(sys.argv[3])
+sigs = json.loads(sys.argv[4])
 msg = b"verified through the module"
 out = {}
 
@@ -430,8 +430,8 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from ckclient import Module, rv_of as rv
 m = Module(sys.argv[2]); m.initialize()
-s = m.open_session(); m.login(s, sys.argv[3].encode())
-ids = json.loads(sys.argv[4])
+s = m.open_session(); m.login(s, os.environ["PQHSM_TEST_PIN"].encode())
+ids = json.loads(sys.argv[3])
 p256 = m.find(s, 3, 3, bytes.fromhex(ids["p256"]))
 ed = m.find(s, 3, 0x40, bytes.fromhex(ids["ed25519"]))
 ml = m.find(s, 3, 0x4A, bytes.fromhex(ids["mldsa"]))
@@ -686,12 +686,12 @@ def test_only_entry_points_exported(builds: dict[str, Build]) -> None:
 # -- 4. vendor-defined dual and composite mechanisms --------------------------------------------
 
 _VENDOR = r"""
-import json, sys
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from ckclient import Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
-s = m.open_session(); m.login(s, sys.argv[3].encode())
-ids = json.loads(sys.argv[4])
+s = m.open_session(); m.login(s, os.environ["PQHSM_TEST_PIN"].encode())
+ids = json.loads(sys.argv[3])
 msg = b"dual and composite through the module"
 out = {}
 
@@ -786,15 +786,15 @@ def test_dual_and_composite_mechanisms(env: Env, build: Build) -> None:
 
 
 _VISIBLE = r"""
-import json, sys
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from ckclient import Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
-s = m.open_session(); m.login(s, sys.argv[3].encode())
+s = m.open_session(); m.login(s, os.environ["PQHSM_TEST_PIN"].encode())
 out = {}
 for kt in (3, 0x4A, 0x80000001):
     try:
-        m.find(s, 3, kt, bytes.fromhex(sys.argv[4]))
+        m.find(s, 3, kt, bytes.fromhex(sys.argv[3]))
         out[str(kt)] = 1
     except Pkcs11Error:
         out[str(kt)] = 0
@@ -837,7 +837,7 @@ def test_openssl_engine_signs_through_module(env: Env, tmp_path: Path) -> None:
     )
     run_env = {**env.env(), "OPENSSL_CONF": str(conf), "PQHSM_EXTENSION": "off"}
     key = env.keys["hybrid"]  # a HYBRID key: its EC half signs classically
-    uri = f"pkcs11:object={key.label};type=private;pin-value={PIN.decode()}"
+    uri = f"pkcs11:object={key.label};type=private;{pin_source(tmp_path, PIN)}"
     message = b"signed by openssl through libpqhsm-pkcs11.so"
     (tmp_path / "msg").write_bytes(message)
     (tmp_path / "pub.pem").write_bytes(
@@ -870,14 +870,14 @@ def test_openssl_engine_signs_through_module(env: Env, tmp_path: Path) -> None:
 # -- 6. threads ------------------------------------------------------------------------------------
 
 _THREADS = r"""
-import json, sys, threading
+import json, os, sys, threading
 sys.path.insert(0, sys.argv[1])
 from ckclient import Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
-ids = json.loads(sys.argv[4])
-threads, rounds = int(sys.argv[5]), int(sys.argv[6])
-kinds = json.loads(sys.argv[7])  # thread i signs with kinds[i % len(kinds)]
-first = m.open_session(); m.login(first, sys.argv[3].encode())  # login is per application
+ids = json.loads(sys.argv[3])
+threads, rounds = int(sys.argv[4]), int(sys.argv[5])
+kinds = json.loads(sys.argv[6])  # thread i signs with kinds[i % len(kinds)]
+first = m.open_session(); m.login(first, os.environ["PQHSM_TEST_PIN"].encode())  # login is per application
 sigs, errors = [], []
 lock = threading.Lock()
 
@@ -995,24 +995,25 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     parameters (the C driver)."""
     msg = os.urandom(300_000)
     (tmp_path / "msg").write_bytes(msg)
-    cmd = [*VALGRIND, "pkcs11-tool", "--module", str(env.module), "--login", "--pin"]
-    cmd += [PIN.decode(), "--sign", "-m", "EDDSA", "--id", _id(env.keys["ed448"])]
+    cmd = [*VALGRIND, "pkcs11-tool", "--module", str(env.module), *PKCS11_TOOL_LOGIN]
+    cmd += ["--sign", "-m", "EDDSA", "--id", _id(env.keys["ed448"])]
     cmd += ["-i", str(tmp_path / "msg"), "-o", str(tmp_path / "sig")]
-    r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
+    tool_env = {**env.env(), **pin_env(PIN)}
+    r = subprocess.run(cmd, env=tool_env, capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
     assert definitely_lost(r.stderr) == 0
     _eddsa_pub(env.keys["ed448"]).verify((tmp_path / "sig").read_bytes(), msg)
     cmd[cmd.index("--sign")] = "--verify"  # C_VerifyUpdate/C_VerifyFinal under memcheck
     cmd[cmd.index("-o")] = "--signature-file"
-    r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
+    r = subprocess.run(cmd, env=tool_env, capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"Signature is valid" in r.stdout
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
     assert definitely_lost(r.stderr) == 0
     hybrid, comp = env.keys["hybrid"], env.keys["comp448"]
-    cmd = [*VALGRIND, str(driver), "check", PIN.decode(), _id(hybrid), _id(comp)]
-    r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
+    cmd = [*VALGRIND, str(driver), "check", _id(hybrid), _id(comp)]
+    r = subprocess.run(cmd, env=tool_env, capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
     assert definitely_lost(r.stderr) == 0
@@ -1029,8 +1030,8 @@ def test_valgrind_multipart_vendor_interfaces(env: Env, driver: Path, tmp_path: 
     _strict([comp_pem], b"driver message", bytes.fromhex(out["comp_ctx"]), b"driver ctx")
     # three threads sharing the multiplexed connection (replies handed between them)
     label = env.keys["mldsa"].label
-    cmd = [*VALGRIND, str(driver), "mldsa", PIN.decode(), label, "1", "3"]
-    r = subprocess.run(cmd, env=env.env(), capture_output=True, timeout=120, check=False)
+    cmd = [*VALGRIND, str(driver), "mldsa", label, "1", "3"]
+    r = subprocess.run(cmd, env=tool_env, capture_output=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert b"ERROR SUMMARY: 0 errors" in r.stderr
     assert definitely_lost(r.stderr) == 0
@@ -1051,9 +1052,9 @@ def test_module_frees_no_block_holding_the_pin(env: Env, driver: Path, tmp_path:
     )
     assert cc.returncode == 0, cc.stderr.decode()
     report = tmp_path / "report"
-    probe_env = {"LD_PRELOAD": str(probe), "FREECHECK_PIN": PIN.decode()}
+    probe_env = {"LD_PRELOAD": str(probe), "FREECHECK_PIN": PIN.decode(), **pin_env(PIN)}
     probe_env["FREECHECK_OUT"] = str(report)
-    cmd = [str(driver), "mldsa", PIN.decode(), env.keys["mldsa"].label, "0.2"]
+    cmd = [str(driver), "mldsa", env.keys["mldsa"].label, "0.2"]
     for selftest in (True, False):
         report.unlink(missing_ok=True)
         extra = {"FREECHECK_SELFTEST": "1"} if selftest else {}
@@ -1070,16 +1071,16 @@ def test_module_frees_no_block_holding_the_pin(env: Env, driver: Path, tmp_path:
 
 # Child: each step ends with C_GetSessionInfo, which marks it in the server's call log.
 _SIZE_QUERIES = r"""
-import ctypes, json, sys
+import ctypes, json, os, sys
 sys.path.insert(0, sys.argv[1])
 from ckclient import CK_ULONG, Module, Pkcs11Error
 m = Module(sys.argv[2]); m.initialize()
-pin = sys.argv[3].encode()
+pin = os.environ["PQHSM_TEST_PIN"].encode()
 s = m.open_session(); m.login(s, pin)
-mech = int(sys.argv[5], 16)
-cls_type = (3, int(sys.argv[6], 16))
-key = m.find(s, *cls_type, bytes.fromhex(sys.argv[4]))
-msg = bytes.fromhex(sys.argv[7])
+mech = int(sys.argv[4], 16)
+cls_type = (3, int(sys.argv[5], 16))
+key = m.find(s, *cls_type, bytes.fromhex(sys.argv[3]))
+msg = bytes.fromhex(sys.argv[6])
 out = {}
 info = (CK_ULONG * 4)()
 def step(name, value):
@@ -1100,7 +1101,7 @@ big = ctypes.create_string_buffer(query[1])
 done = sign(big, query[1])
 step("single", [query, short, done, big.raw[: done[1]].hex()])
 step("after_end", sign(None, 0))
-if sys.argv[8] == "single":
+if sys.argv[7] == "single":
     m.finalize(); print(json.dumps(out)); sys.exit(0)
 m.sign_init(s, mech, key)
 m.sign_update(s, msg[:4]); m.sign_update(s, msg[4:])
@@ -1185,15 +1186,15 @@ SIG = MLDSA87_SIG_LEN
 # what ends or sends a deferred one, and (after "go" on stdin) a key migrated past its
 # classical part by another application while a C_SignInit on it is deferred.
 _SIGN_ONCE = r"""
-import ctypes, hashlib, json, sys
+import ctypes, hashlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
 from ckclient import CK_ULONG, Module, rv_of as rv
 m = Module(sys.argv[2]); m.initialize()
-pin = sys.argv[3].encode()
+pin = os.environ["PQHSM_TEST_PIN"].encode()
 s = m.open_session(); m.login(s, pin)
-ml = m.find(s, 3, 0x4a, bytes.fromhex(sys.argv[4]))
-ec = m.find(s, 3, 3, bytes.fromhex(sys.argv[5]))
-stale = m.find(s, 3, 3, bytes.fromhex(sys.argv[6]))
+ml = m.find(s, 3, 0x4a, bytes.fromhex(sys.argv[3]))
+ec = m.find(s, 3, 3, bytes.fromhex(sys.argv[4]))
+stale = m.find(s, 3, 3, bytes.fromhex(sys.argv[5]))
 msg, digest = b"one round trip", hashlib.sha256(b"one round trip").digest()
 out = {}
 info = (CK_ULONG * 4)()
@@ -1238,10 +1239,11 @@ def test_repeated_sign_init_travels_with_its_sign(env: Env, calls: list[int]) ->
     migrated meanwhile all keep PKCS#11's answers."""
     stale = env.app.create_key("ecdsa-p256", "i7-v4-stale")
     b = env.builds["plain"]
-    argv = [sys.executable, "-c", _SIGN_ONCE, str(HERE), str(b.module), PIN.decode()]
+    argv = [sys.executable, "-c", _SIGN_ONCE, str(HERE), str(b.module)]
     argv += [_id(env.keys["mldsa"]), _id(env.keys["p256"]), _id(stale)]
+    child_env = {**env.env(b), **pin_env(PIN)}
     with subprocess.Popen(
-        argv, env=env.env(b), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        argv, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     ) as child:
         assert child.stdin is not None
         assert child.stdout is not None

@@ -40,7 +40,7 @@ from modkit import (
 from appliance.keys import KeyInfo
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
-from conftest import PIN
+from conftest import PIN, PKCS11_TOOL_LOGIN, pin_env
 from pkcs11_shim.model import Pkcs11Model
 from pkcs11_shim.server import Server
 
@@ -106,7 +106,8 @@ def run_tool(
 ) -> subprocess.CompletedProcess[bytes]:
     cmd = [*wrap, "pkcs11-tool", "--module", str(module)]
     if login:
-        cmd += ["--login", "--pin", pin.decode()]
+        cmd += PKCS11_TOOL_LOGIN
+    env = {**env, **pin_env(pin)}
     return subprocess.run([*cmd, *args], env=env, capture_output=True, timeout=60, check=False)
 
 

@@ -26,7 +26,7 @@ from modkit import asan_build, make_module, module_env, serving
 
 from appliance.keys import KeyInfo, KeyState
 from appliance.service import Appliance
-from conftest import PIN
+from conftest import PIN, PKCS11_TOOL_LOGIN, pin_env
 from pkcs11_shim.model import cka_id_of
 from pkcs11_shim.server import Server
 
@@ -58,10 +58,9 @@ class Ext:
     def tool(self, *args: str, login: bool = False) -> subprocess.CompletedProcess[bytes]:
         cmd = ["pkcs11-tool", "--module", str(self.module)]
         if login:
-            cmd += ["--login", "--pin", PIN.decode()]
-        return subprocess.run(
-            [*cmd, *args], env=self.env, capture_output=True, timeout=60, check=False
-        )
+            cmd += PKCS11_TOOL_LOGIN
+        env = {**self.env, **pin_env(PIN)}
+        return subprocess.run([*cmd, *args], env=env, capture_output=True, timeout=60, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +159,13 @@ def test_ecdsa_sha256_over_full_message(ext: Ext, tmp_path: Path) -> None:
 # Runs in a child process: python-pkcs11 loads libpqhsm-pkcs11.so and signs with
 # CKM_ML_DSA, passing CK_SIGN_ADDITIONAL_CONTEXT as raw bytes (python-pkcs11's escape hatch).
 _MLDSA_SCRIPT = r"""
-import ctypes, json, struct, sys
+import ctypes, json, os, struct, sys
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
-module, pin, cka_id, msg = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3]), b"ml-dsa msg"
+module, cka_id, msg = sys.argv[1], bytes.fromhex(sys.argv[2]), b"ml-dsa msg"
+pin = os.environ["PQHSM_TEST_PIN"]
 lib = pkcs11.lib(module)
 token = lib.get_token()
 out = {}
@@ -212,8 +212,8 @@ def _run_script(
 ) -> subprocess.CompletedProcess[bytes]:
     module, extra = build
     r = subprocess.run(
-        [sys.executable, "-c", script, str(module), PIN.decode(), *args],
-        env={**ext.env, **extra},
+        [sys.executable, "-c", script, str(module), *args],
+        env={**ext.env, **pin_env(PIN), **extra},
         capture_output=True,
         timeout=120,
         check=False,
@@ -244,8 +244,8 @@ def test_hybrid_key_signs_mldsa_with_same_id(ext: Ext) -> None:
     key = ext.keys["hybrid"]
     assert key.pqc_public is not None
     r = subprocess.run(
-        [sys.executable, "-c", _MLDSA_SCRIPT, str(ext.module), PIN.decode(), cka_id_of(key).hex()],
-        env=ext.env,
+        [sys.executable, "-c", _MLDSA_SCRIPT, str(ext.module), cka_id_of(key).hex()],
+        env={**ext.env, **pin_env(PIN)},
         capture_output=True,
         timeout=120,
         check=False,
@@ -277,8 +277,8 @@ def test_p11kit_client_sees_no_extension(ext: Ext) -> None:
         "SHA512",
     ], r.stdout.decode()
     r = subprocess.run(
-        ["pkcs11-tool", "--module", CLIENT_MODULE, "-O", "--login", "--pin", PIN.decode()],
-        env=env,
+        ["pkcs11-tool", "--module", CLIENT_MODULE, "-O", *PKCS11_TOOL_LOGIN],
+        env={**env, **pin_env(PIN)},
         capture_output=True,
         timeout=60,
         check=False,
@@ -312,13 +312,13 @@ def test_known_version_byte_echoed(ext: Ext, version: int) -> None:
 
 # Child process: mechanism parameters for CKM_EDDSA (CK_EDDSA_PARAMS) and CKM_ECDSA_SHA*.
 _PARAM_SCRIPT = r"""
-import ctypes, json, struct, sys
+import ctypes, json, os, struct, sys
 import pkcs11
 from pkcs11 import KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
-module, pin = sys.argv[1], sys.argv[2]
-ids = json.loads(sys.argv[3])
+module, pin = sys.argv[1], os.environ["PQHSM_TEST_PIN"]
+ids = json.loads(sys.argv[2])
 lib = pkcs11.lib(module)
 out = {}
 keep = []
