@@ -123,9 +123,13 @@ pid = os.fork()
 if pid == 0:
     ours.close()
     key = mldsa.MLDSA87PrivateKey.generate()
-    while (message := theirs.recv(64)):
+    while True:
+        message = b""
+        while len(message) < 64 and (part := theirs.recv(64 - len(message))):
+            message += part
+        if len(message) < 64:
+            os._exit(0)
         theirs.sendall(key.sign(message))
-    os._exit(0)
 theirs.close()
 lat = []
 end = time.perf_counter() + seconds
@@ -228,7 +232,9 @@ def mldsa_rows(
             lats.setdefault(name, []).extend(measure())
         if server is None:
             continue
-        subprocess.run(["taskset", "-a", "-p", "-c", "0", str(server)], capture_output=True)
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", "0", str(server)], capture_output=True, check=True
+        )
         try:
             for name, measure in pinned.items():
                 lats.setdefault(name, []).extend(measure())
