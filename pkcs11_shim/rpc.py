@@ -267,8 +267,14 @@ class Reader:
         self._pos = end
         return out
 
+    # The fixed-size readers unpack in place (no slice, no extra call): they run a few
+    # dozen times per signature on the server's one loop thread.
     def _u32(self) -> int:
-        v: int = _U32.unpack(self._take(4))[0]
+        pos = self._pos
+        if pos + 4 > len(self._buf):
+            raise ProtocolError("truncated message")
+        self._pos = pos + 4
+        v: int = _U32.unpack_from(self._buf, pos)[0]
         return v
 
     def _count(self) -> int:
@@ -291,12 +297,20 @@ class Reader:
 
     def u(self) -> int:
         """A CK_ULONG (u64)."""
-        v: int = _U64.unpack(self._take(8))[0]
+        pos = self._pos
+        if pos + 8 > len(self._buf):
+            raise ProtocolError("truncated message")
+        self._pos = pos + 8
+        v: int = _U64.unpack_from(self._buf, pos)[0]
         return v
 
     def y(self) -> int:
         """One byte."""
-        return self._take(1)[0]
+        pos = self._pos
+        if pos >= len(self._buf):
+            raise ProtocolError("truncated message")
+        self._pos = pos + 1
+        return self._buf[pos]
 
     def v(self) -> tuple[int, int]:
         """A CK_VERSION."""
