@@ -16,7 +16,11 @@ keeps it (a wipeable buffer): no ``bytes`` copy of a PIN is made here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -44,8 +48,26 @@ MIN_PIN: Final = 4
 MAX_PIN: Final = 255  # as C_GetTokenInfo reports (ulMaxPinLen)
 _VERSION: Final = 1
 
-# One lock for every store in this process: logins are rare and short.
+# One lock for every store in this process: logins are rare and short.  Across
+# processes (``serve --processes``, ``set-pin`` beside a running server) each
+# read-modify-write of a store also holds an flock on its lock file, so no process can
+# lose another's failed-login count.
 _lock = threading.Lock()
+LOCK_FILE: Final = "clients.lock"
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    with _lock:
+        try:
+            fd = os.open(Path(home) / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DeviceError(f"{LOCK_FILE}: cannot open: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # drops the flock
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +142,7 @@ def set_pin(
     if not MIN_PIN <= len(pin) <= MAX_PIN:
         raise CallerError(f"a client PIN has {MIN_PIN} to {MAX_PIN} bytes")
     encoded = profile.hash(pin.view())
-    with _lock:
+    with _locked(home):
         clients = _load(home)
         clients[client] = {"hash": encoded, "failures": 0}
         _save(home, clients)
@@ -128,7 +150,7 @@ def set_pin(
 
 def failures(home: Path, client: str = DEFAULT_CLIENT) -> int:
     """Consecutive failed logins of ``client`` (0 when it has no PIN)."""
-    with _lock:
+    with _locked(home):
         rec = _load(home).get(client)
     return 0 if rec is None else int(rec["failures"])
 
@@ -147,7 +169,7 @@ def verify(
     """
     if not isinstance(pin, bytes | bytearray | memoryview):
         raise TypeError("pin must be bytes-like")
-    with _lock:
+    with _locked(home):
         clients = _load(home)
         rec = clients.get(client)
         if rec is None:

@@ -14,7 +14,7 @@ from collections import ChainMap, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa
@@ -96,6 +96,28 @@ class Status:
         }
 
 
+class Writer(Protocol):
+    """What a follower (:meth:`Appliance.open_follower`) asks of the process that owns
+    the WAL: the calls that write it, and the signatures that need the sealed keys."""
+
+    def create_key(self, key_type: str, label: str) -> str:
+        """Create a key; its id once the owner committed it."""
+        ...
+
+    def sign(
+        self,
+        key_id: str,
+        message: bytes,
+        *,
+        kind: str | None,
+        raw: bool,
+        context: bytes,
+        prehashed: bool,
+    ) -> bytes:
+        """Sign as :meth:`Appliance.sign` does, in the owner."""
+        ...
+
+
 class Appliance:
     """An opened appliance.  Use :meth:`initialize` once, then :meth:`open`."""
 
@@ -116,6 +138,10 @@ class Appliance:
         self._signers: OrderedDict[str, tuple[bytes | None, MlDsaSigner]] = OrderedDict()
         init = next(iter(wal.records()), None)
         self.appliance_id = init.fields.get("appliance_id", b"").hex() if init is not None else ""
+        #: Set on a follower (:meth:`open_follower`): the owner's committed WAL length, and
+        #: the owner itself for what a follower may not do alone.
+        self._committed_end: Callable[[], int] | None = None
+        self._writer: Writer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -190,6 +216,60 @@ class Appliance:
             token.close()
             raise
         return app
+
+    @classmethod
+    def open_follower(
+        cls,
+        cfg: Config,
+        *,
+        pin: SecretBytes,
+        committed_end: Callable[[], int],
+        writer: Writer,
+    ) -> Appliance:
+        """A second view of an appliance another process has open (the *owner*), for a
+        PKCS#11 server process beside it (``serve --processes``).
+
+        It logs in to the token with its own session and reads the WAL without the lock,
+        never past ``committed_end()`` (what the owner's last commit made durable), and
+        reads again whenever that moved before it looks a key up, so a request that starts
+        after a commit sees it.  It signs classically with the token; what needs the
+        sealed keys (ML-DSA-87, dual, composite) and key creation go to ``writer``: the
+        keystore stays locked here and no passphrase enters this process.  Everything else
+        that writes refuses (the WAL is read-only).
+        """
+        if not (cfg.home / "keystore.cbor").exists():
+            raise NotInitialized(f"{cfg.home}: no appliance here (run `pqhsm init`)")
+        cfg.apply_environment()
+        token = Pkcs11Token.open(cfg.token, pin)
+        try:
+            wal = Wal.open(cfg.home / "wal", readonly=True, limit=committed_end())
+            pqc = active_backend()
+            app = cls(cfg, token, Keystore(cfg.home, token, pqc), wal, pqc)
+        except BaseException:
+            token.close()
+            raise
+        app._committed_end = committed_end
+        app._writer = writer
+        return app
+
+    @property
+    def follower(self) -> bool:
+        """Opened with :meth:`open_follower`."""
+        return self._writer is not None
+
+    def _follow(self) -> None:
+        """A follower: replay the WAL again if the owner committed since the last read."""
+        committed = self._committed_end
+        if committed is None:
+            return
+        end = committed()
+        with self._lock:
+            if end == self.wal.committed_end:
+                return
+            wal = Wal.open(self.cfg.home / "wal", readonly=True, limit=end)
+            self.wal.close()
+            self.wal = wal
+            self._keys = replay(wal.records())
 
     def lock(self) -> None:
         """Zeroize the passphrase key and drop every cached ML-DSA signer, at once."""
@@ -321,10 +401,12 @@ class Appliance:
     # -- keys ----------------------------------------------------------------------------------
 
     def keys(self) -> list[KeyInfo]:
+        self._follow()
         with self._lock:
             return sorted(self._keys.values(), key=lambda k: (k.created, k.key_id))
 
     def key(self, key_id: str) -> KeyInfo:
+        self._follow()
         with self._lock:
             try:
                 return self._keys[key_id]
@@ -332,6 +414,7 @@ class Appliance:
                 raise NoSuchKey(f"no key with id {key_id}") from None
 
     def find(self, selector: str) -> KeyInfo:
+        self._follow()
         with self._lock:
             return parse_selector(selector).match(self._keys, self.token.info().label)
 
@@ -342,6 +425,9 @@ class Appliance:
 
     def create_key(self, key_type: str, label: str) -> KeyInfo:
         """Create a key: a classical type in the token, or ``ml-dsa-87`` in a sealed blob."""
+        if self._writer is not None:  # a follower: the owner creates and commits it
+            key_id = self._writer.create_key(key_type, label)
+            return self.key(key_id)
         with self._lock:
             self._check_new_label(label)
             cka_id = os.urandom(16)
@@ -520,6 +606,12 @@ class Appliance:
         if current.key_id in self.damaged:
             raise StateError(f"key {current.label!r} is DAMAGED: {self.damaged[current.key_id]}")
         live = _live_parts(current)
+        if self._writer is not None and (
+            current.kind is KeyKind.COMPOSITE or (kind or _default_kind(live)) != "classical"
+        ):  # a follower holds no sealed key: the owner signs what needs one
+            return self._writer.sign(
+                current.key_id, msg, kind=kind, raw=raw, context=context, prehashed=prehashed
+            )
         if current.kind is KeyKind.COMPOSITE:
             if kind not in (None, "composite"):
                 raise StateError(
@@ -528,7 +620,7 @@ class Appliance:
                 )
             return self._sign_composite(current, msg, context)
         if kind is None:
-            kind = "dual" if len(live) == 2 else live[0]
+            kind = _default_kind(live)
         if kind == "classical":
             if "classical" not in live:
                 raise StateError(
@@ -686,6 +778,11 @@ COMPOSITE_TYPES: Final = tuple(a.value for a in composite.CompositeAlg)
 
 def supported_key_types() -> list[str]:
     return [a.value for a in ClassicalAlg] + ["ml-dsa-87", *COMPOSITE_TYPES]
+
+
+def _default_kind(live: list[str]) -> str:
+    """The signature a key makes when none is asked for: dual with both parts alive."""
+    return "dual" if len(live) == 2 else live[0]
 
 
 def _live_parts(key: KeyInfo) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -24,12 +25,13 @@ from typing import Any
 
 from appliance import clientpins
 from appliance.cli import get_secret, read_passphrase, read_pin
-from appliance.config import load_config, resolve_home
+from appliance.config import Config, load_config, resolve_home
 from appliance.errors import ApplianceError, ConfigError
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from pkcs11_shim.model import Pkcs11Model
 from pkcs11_shim.options import add_serve_arguments
+from pkcs11_shim.processes import Followers, OwnerProxy, Watermark
 from pkcs11_shim.rpc import MAX_MESSAGE
 from pkcs11_shim.server import Server
 
@@ -117,14 +119,59 @@ def _start_console(args: argparse.Namespace, app: Appliance) -> Callable[[], Non
     return stop
 
 
+def _server(
+    args: argparse.Namespace,
+    model: Pkcs11Model,
+    *,
+    followers: Sequence[socket.socket] = (),
+    inbox: socket.socket | None = None,
+) -> Server:
+    return Server(
+        model,
+        Path(args.socket),
+        idle_timeout=args.idle_timeout,
+        max_message=MAX_MESSAGE if args.max_message is None else args.max_message,
+        followers=followers,
+        inbox=inbox,
+    )
+
+
+def _follower_argv(args: argparse.Namespace, cfg_home: Path) -> list[str]:
+    """The command line of a follower of this ``serve`` (``--pin-fd`` and ``--follower``
+    are added per process)."""
+    argv = [sys.executable, "-m", "pkcs11_shim"]
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        argv.append("-v")
+    argv += ["serve", "--home", str(cfg_home), "--socket", str(Path(args.socket).absolute())]
+    argv += ["--idle-timeout", repr(args.idle_timeout)]
+    if args.max_message is not None:
+        argv += ["--max-message", str(args.max_message)]
+    return argv
+
+
 def serve(args: argparse.Namespace) -> int:
     """Open the appliance, serve until SIGINT/SIGTERM, close everything."""
     cfg = load_config(resolve_home(args.home))
+    if getattr(args, "follower", None):
+        return _serve_follower(args, cfg)
+    processes = getattr(args, "processes", 1)
+    if not 1 <= processes <= 64:
+        raise ConfigError("--processes must be 1 to 64")
     pin = read_pin(args, cfg)
     passphrase = read_passphrase(args, cfg) if args.unlock else None
     client_pin = SecretBytes(pin.view())  # interim fallback, only without a PIN store
+    followers: Followers | None = None
     try:
         app = Appliance.open(cfg, pin=pin, passphrase=passphrase)
+        if processes > 1:
+            try:
+                control = Path(args.socket).absolute().with_name(Path(args.socket).name + ".owner")
+                followers = Followers(
+                    app, processes - 1, control, _follower_argv(args, cfg.home), pin
+                )
+            except BaseException:
+                app.close()
+                raise
     except BaseException:
         client_pin.wipe()
         raise
@@ -133,12 +180,7 @@ def serve(args: argparse.Namespace) -> int:
         if passphrase is not None:
             passphrase.wipe()
     model = Pkcs11Model(app, client_pin=client_pin)
-    server = Server(
-        model,
-        Path(args.socket),
-        idle_timeout=args.idle_timeout,
-        max_message=MAX_MESSAGE if args.max_message is None else args.max_message,
-    )
+    server = _server(args, model, followers=followers.sockets if followers is not None else ())
     stop_console: Callable[[], None] | None = None
     try:
         if args.console_port:
@@ -150,10 +192,48 @@ def serve(args: argparse.Namespace) -> int:
         server.wait()
     finally:
         server.close()
+        if followers is not None:
+            followers.close()
         if stop_console is not None:
             stop_console()
         model.close()
         app.close()
+    return 0
+
+
+def _serve_follower(args: argparse.Namespace, cfg: Config) -> int:
+    """A follower of ``serve --processes`` (:mod:`pkcs11_shim.processes`): serve the
+    connections the owner hands over until it goes away or SIGTERM."""
+    try:
+        inbox_fd, watermark_fd, control = args.follower.split(",", 2)
+        inbox = socket.socket(fileno=int(inbox_fd))
+        watermark = Watermark(int(watermark_fd), writable=False)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--follower: {exc}") from None
+    proxy = OwnerProxy(Path(control))
+    pin = read_pin(args, cfg)
+    client_pin = SecretBytes(pin.view())  # as in the owner: only without a PIN store
+    try:
+        app = Appliance.open_follower(cfg, pin=pin, committed_end=watermark.read, writer=proxy)
+    except BaseException:
+        client_pin.wipe()
+        raise
+    finally:
+        pin.wipe()
+    model = Pkcs11Model(app, client_pin=client_pin)
+    server = _server(args, model, inbox=inbox)
+    try:
+        server.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: server.close())
+        inbox.send(b"R")  # ready: the owner starts handing connections over
+        server.wait()
+    finally:
+        server.close()
+        model.close()
+        app.close()
+        proxy.close()
+        watermark.close()
     return 0
 
 

@@ -25,6 +25,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passphrase-file", help="file holding the keystore passphrase (0600)")
     p.add_argument("--passphrase-fd", type=int, help="read the passphrase from this fd")
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes (default 1): this one, which owns the appliance, and N-1 "
+        "followers that serve a share of the clients on other cores",
+    )
+    p.add_argument("--follower", help=argparse.SUPPRESS)  # internal: see processes.py
+    p.add_argument(
         "--idle-timeout",
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,

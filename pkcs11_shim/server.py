@@ -35,6 +35,11 @@ as its header is read; so does ``idle_timeout`` seconds (default 300) without a 
 the client, whether between messages or inside one (swept every quarter of the timeout,
 at most every second).  At most :data:`MAX_CONNECTIONS`
 connections are open at once.
+
+Processes (``serve --processes N``, :mod:`pkcs11_shim.processes`): the server that owns
+the appliance accepts every connection and hands every N-th one to a follower process
+over a socketpair (``followers``); a follower's server (``inbox``) has no listening socket
+and serves what it is handed.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
@@ -60,7 +65,7 @@ from pkcs11_shim.model import Client, Pkcs11Model
 from pkcs11_shim.options import DEFAULT_IDLE_TIMEOUT
 from pkcs11_shim.rpc import HEADER, MAX_MESSAGE, ProtocolError, encode_frame
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONNECTIONS", "Server"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONNECTIONS", "Server", "listen_private"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,24 @@ _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
 
 
-def _check_socket_dir(directory: Path) -> None:
+def listen_private(path: Path, backlog: int) -> socket.socket:
+    """A Unix socket listening on ``path``: mode 0600 from the start, in a 0700 folder
+    of ours (created if missing); a stale socket file there is replaced."""
+    check_socket_dir(path.parent)
+    if path.is_socket():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    return sock
+
+
+def check_socket_dir(directory: Path) -> None:
     if not directory.exists():
         directory.mkdir(mode=0o700, parents=True)
     st = directory.stat()
@@ -158,6 +180,8 @@ class Server:
         *,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_message: int = MAX_MESSAGE,
+        followers: Sequence[socket.socket] = (),
+        inbox: socket.socket | None = None,
     ) -> None:
         if idle_timeout <= 0:
             raise ConfigError("the idle timeout must be positive")
@@ -179,8 +203,15 @@ class Server:
         self._closing = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._close_lock = threading.Lock()
+        self._closer: threading.Thread | None = None  # the thread running close()
+        self._closed = threading.Event()
         self._rbuf = bytearray(_RECV_CHUNK)  # the loop's receive buffer, reused
         self._rview = memoryview(self._rbuf)
+        #: The owner's hand-off sockets, one per follower; accepted connections go round
+        #: them and this server (``_turn``).  A follower's: where connections arrive.
+        self._followers = list(followers)
+        self._turn = 0
+        self._inbox = inbox
 
     @property
     def address(self) -> str:
@@ -188,18 +219,9 @@ class Server:
         return f"unix:path={self.path}"
 
     def start(self) -> None:
-        """Bind and listen, then serve from a background event-loop thread."""
-        _check_socket_dir(self.path.parent)
-        if self.path.is_socket():
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        sock.listen(64)
+        """Bind and listen (a follower: take connections from its inbox), then serve from
+        a background event-loop thread."""
+        sock = listen_private(self.path, 64) if self._inbox is None else self._inbox
         sock.setblocking(False)
         self._sock = sock
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -217,11 +239,18 @@ class Server:
         self._closing.wait()
 
     def close(self) -> None:
-        """Stop accepting, close every connection and remove the socket file."""
+        """Stop accepting, close every connection and remove the socket file.  A second
+        call (another thread's) waits until the first one is done."""
+        me = threading.current_thread()
         with self._close_lock:
-            if self._closing.is_set():
-                return
+            closer = self._closer
+            if closer is None:
+                self._closer = me
             self._closing.set()
+        if closer is not None:
+            if me is not closer and me is not self._loop_thread:
+                self._closed.wait(timeout=30)
+            return
         self._wake()
         loop = self._loop_thread
         if loop is not None and loop is not threading.current_thread():
@@ -229,9 +258,11 @@ class Server:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._teardown()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._inbox is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         log.info("PKCS#11 server stopped")
+        self._closed.set()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -276,6 +307,9 @@ class Server:
             self._drop(conn)
 
     def _accept(self, lsock: socket.socket) -> None:
+        if self._inbox is not None:
+            self._adopt(lsock)
+            return
         while True:
             try:
                 sock, _ = lsock.accept()
@@ -287,14 +321,55 @@ class Server:
             if not self._peer_allowed(sock):
                 sock.close()
                 continue
-            if len(self._conns) >= MAX_CONNECTIONS:
-                log.warning("refused a PKCS#11 client: %d connections open", MAX_CONNECTIONS)
-                sock.close()
+            if self._hand_off(sock):
                 continue
-            sock.setblocking(False)
-            conn = _Conn(sock, Client(self.model), time.monotonic() + self.idle_timeout)
-            self._conns[conn.fd] = conn
-            self._rearm(conn)
+            self._serve_here(sock)
+
+    def _hand_off(self, sock: socket.socket) -> bool:
+        """Pass ``sock`` to the follower whose turn it is (the owner); False when it is
+        this server's turn or the follower is gone (then this server serves it)."""
+        if not self._followers:
+            return False
+        turn = self._turn % (len(self._followers) + 1)
+        self._turn += 1
+        if turn == 0:
+            return False
+        try:
+            socket.send_fds(self._followers[turn - 1], [b"c"], [sock.fileno()])
+        except OSError as exc:
+            log.warning("a follower process is gone (%s); serving its share here", exc)
+            del self._followers[turn - 1]
+            return False
+        sock.close()
+        return True
+
+    def _adopt(self, inbox: socket.socket) -> None:
+        """A follower: take the connections the owner handed over; the owner gone (the
+        inbox closed) stops this server."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(inbox, 64, 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                data, fds = b"", []
+                log.warning("hand-off socket failed: %s", type(exc).__name__)
+            if not data and not fds:
+                log.warning("the owner process is gone; stopping")
+                threading.Thread(target=self.close, name="p11-close", daemon=True).start()
+                return
+            for fd in fds:
+                self._serve_here(socket.socket(fileno=fd))
+
+    def _serve_here(self, sock: socket.socket) -> None:
+        if len(self._conns) >= MAX_CONNECTIONS:
+            log.warning("refused a PKCS#11 client: %d connections open", MAX_CONNECTIONS)
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock, Client(self.model), time.monotonic() + self.idle_timeout)
+        self._conns[conn.fd] = conn
+        self._rearm(conn)
 
     @staticmethod
     def _peer_allowed(conn: socket.socket) -> bool:

@@ -320,6 +320,7 @@ class Wal:
     __slots__ = (
         "_clock",
         "_closed",
+        "_committed",
         "_directory",
         "_end",
         "_failed",
@@ -329,6 +330,7 @@ class Wal:
         "_lock",
         "_mutex",
         "_offsets",
+        "_on_commit",
         "_path",
         "_pending",
         "_readonly",
@@ -360,6 +362,8 @@ class Wal:
         self._seq = scan.seq
         self._hash = scan.hash
         self._end = scan.end
+        self._committed = scan.end  # a writer's open makes what it found durable
+        self._on_commit: Callable[[int], None] | None = None
         self._torn_bytes = scan.torn
         self._torn_path = torn_path
         self._fsyncs = fsyncs
@@ -376,12 +380,16 @@ class Wal:
         *,
         clock: Callable[[], int] | None = None,
         readonly: bool = False,
+        limit: int | None = None,
     ) -> Wal:
         """Open (for writing: create if missing) the log in ``directory`` and replay it.
 
         :param clock: returns milliseconds since the Unix epoch (UTC) for ``ts``; defaults
             to the system clock.
         :param readonly: take no lock and change nothing (see the module docs).
+        :param limit: with ``readonly``, read only the first ``limit`` bytes: a follower
+            of a live writer passes the writer's :attr:`committed_end`, so that it never
+            acts on a record that is appended but not yet durable.
         :raises WalLocked: another writer holds ``directory/lock``.
         :raises WalCorrupted: the log is damaged before its last frame; the file is untouched.
         :raises ConfigError: ``readonly`` and there is no ``wal.log``.
@@ -390,10 +398,13 @@ class Wal:
         directory = Path(directory)
         path = directory / LOG_NAME
         tick = clock if clock is not None else _now_ms
+        if limit is not None and (not readonly or limit < 0):
+            raise CallerError("a WAL limit needs readonly=True and a length >= 0")
         if readonly:
             fd = _open_fd(path, os.O_RDONLY)
             try:
-                scan = _scan(fd, path, os.fstat(fd).st_size)
+                size = os.fstat(fd).st_size
+                scan = _scan(fd, path, size if limit is None else min(size, limit))
             except BaseException:
                 os.close(fd)
                 raise
@@ -478,6 +489,17 @@ class Wal:
     def closed(self) -> bool:
         """Closed, by :meth:`close` or by a storage failure."""
         return self._closed
+
+    @property
+    def committed_end(self) -> int:
+        """The file length the last commit made durable (a reader: what it read)."""
+        return self._committed
+
+    def on_commit(self, hook: Callable[[int], None] | None) -> None:
+        """Call ``hook(committed_end)`` after every commit that made something durable,
+        inside the log's mutex (so calls come in order); it must not raise or block."""
+        with self._mutex:
+            self._on_commit = hook
 
     @property
     def torn_bytes(self) -> int:
@@ -618,6 +640,9 @@ class Wal:
                 ) from exc
             self._fsyncs += 1
             self._pending = 0
+            self._committed = self._end
+            if self._on_commit is not None:
+                self._on_commit(self._end)
         fsio.fault_point("wal.fsync")
 
     def append_commit(self, type: str, fields: Mapping[str, Any]) -> WalRecord:

@@ -1,0 +1,376 @@
+"""Server processes beside the one that owns the appliance (``serve --processes N``).
+
+One Python process serves PKCS#11 on one core (its event loop holds the GIL), so the
+server can start N-1 *followers*: processes of their own, each with its own token session
+and event loop, that serve connections the owner hands them (docs/server-scaling.md).
+
+* **Hand-off.** The owner accepts every connection, checks its peer credentials, and
+  passes every N-th one to a follower over a socketpair (``SCM_RIGHTS``), so clients are
+  spread evenly and a follower never listens itself.
+* **Following.** A follower reads the WAL without its lock, never past the owner's last
+  commit, which the owner publishes in a shared 8-byte page (:class:`Watermark`) from the
+  WAL's commit hook, after the fsync; the follower reads again when it moved before it
+  looks a key up (:meth:`Appliance.open_follower <appliance.service.Appliance.open_follower>`).
+* **Writing and sealed keys.** A follower signs classically with the token. It holds no
+  passphrase and no sealed key: key creation and every signature that needs ML-DSA-87
+  (ML-DSA, dual, composite) go to the owner over a private Unix socket next to the PKCS#11
+  one (:class:`OwnerLink`, :class:`OwnerProxy`), as length-prefixed CBOR maps.
+
+A follower exits when the owner goes away (its hand-off socket closes); the owner stops
+its followers when it stops.  Nothing secret crosses the control socket: messages to
+sign and signatures, key types and labels, error names.  The token PIN reaches a
+follower once, through a pipe at start (``--pin-fd``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from appliance import codec, errors
+from appliance.errors import ApplianceError, DeviceError
+from appliance.secret import SecretBytes
+from appliance.service import Appliance
+from pkcs11_shim.rpc import MAX_MESSAGE
+from pkcs11_shim.server import listen_private
+
+__all__ = ["Followers", "OwnerLink", "OwnerProxy", "Watermark"]
+
+log = logging.getLogger(__name__)
+
+_LEN: Final = struct.Struct(">I")
+_U64: Final = struct.Struct("<Q")
+_PEERCRED: Final = struct.Struct("3i")
+#: A control message: a message to sign (at most MAX_MESSAGE) and a little more.
+_MAX_CONTROL: Final = MAX_MESSAGE + 4096
+
+
+class Watermark:
+    """The owner's committed WAL length, in a shared page (a ``memfd``) followers map.
+
+    The owner writes it under the WAL's mutex after each commit (values only grow); a
+    reader takes a value two reads in a row agree on, so an 8-byte copy caught half-way
+    is never used.
+    """
+
+    __slots__ = ("_map", "fd")
+
+    def __init__(self, fd: int, *, writable: bool) -> None:
+        self.fd = fd
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        self._map = mmap.mmap(fd, _U64.size, access=access)
+
+    @classmethod
+    def create(cls) -> Watermark:
+        fd = os.memfd_create("pqhsm-wal-committed", os.MFD_CLOEXEC)
+        os.ftruncate(fd, _U64.size)
+        return cls(fd, writable=True)
+
+    def publish(self, end: int) -> None:
+        _U64.pack_into(self._map, 0, end)
+
+    def read(self) -> int:
+        last: int = _U64.unpack_from(self._map, 0)[0]
+        while True:
+            now: int = _U64.unpack_from(self._map, 0)[0]
+            if now == last:
+                return now
+            last = now
+
+    def close(self) -> None:
+        self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _send_msg(sock: socket.socket, obj: dict[str, Any]) -> None:
+    data = codec.dumps(obj)
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            return None
+        buf += part
+    return bytes(buf)
+
+
+def _recv_msg(sock: socket.socket) -> dict[str, Any] | None:
+    """One message; None when the peer closed between messages.
+
+    :raises DeviceError: a malformed or oversized message, or one cut short.
+    """
+    head = _recv_exact(sock, _LEN.size)
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > _MAX_CONTROL:
+        raise DeviceError("control message over the size limit")
+    body = _recv_exact(sock, n)
+    if body is None:
+        raise DeviceError("control connection closed inside a message")
+    try:
+        return codec.loads_map(body, "control message")
+    except ApplianceError as exc:
+        raise DeviceError(f"bad control message: {exc}") from None
+
+
+class OwnerLink:
+    """In the owner: answers its followers' requests on a private Unix socket, one
+    thread per follower connection (a follower opens one per concurrent request)."""
+
+    def __init__(self, app: Appliance, path: Path) -> None:
+        self.app = app
+        self.path = Path(path)
+        self._closing = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._sock = listen_private(self.path, 16)
+        self._thread = threading.Thread(target=self._accept, name="owner-link", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                allowed = _PEERCRED.unpack(creds)[1] == os.getuid()
+            except OSError:
+                allowed = False
+            if not allowed:
+                conn.close()
+                continue
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while (msg := _recv_msg(conn)) is not None:
+                _send_msg(conn, self._answer(msg))
+        except (OSError, DeviceError) as exc:
+            if not self._closing.is_set():
+                log.warning("follower control connection ended: %s", exc)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        app = self.app
+        try:
+            op = msg.get("op")
+            if op == "create_key":
+                key = app.create_key(str(msg["type"]), str(msg["label"]))
+                return {"ok": key.key_id}
+            if op == "sign":
+                context = msg["context"]
+                message = msg["message"]
+                if not isinstance(context, bytes) or not isinstance(message, bytes):
+                    raise DeviceError("bad control message")
+                kind = msg["kind"]
+                sig = app.sign(
+                    app.key(str(msg["key_id"])),
+                    message,
+                    kind=None if kind is None else str(kind),
+                    raw=bool(msg["raw"]),
+                    context=context,
+                    prehashed=bool(msg["prehashed"]),
+                )
+                return {"ok": sig}
+            raise DeviceError(f"unknown control operation {op!r}")
+        except ApplianceError as exc:
+            return {"error": type(exc).__name__, "message": str(exc)}
+        except (KeyError, TypeError, ValueError):
+            return {"error": "DeviceError", "message": "bad control message"}
+        except Exception as exc:  # a bug must not kill the follower's connection silently
+            log.exception("follower request failed: %s", type(exc).__name__)
+            return {"error": "DeviceError", "message": "internal error in the owner process"}
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            for conn in list(self._conns):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class OwnerProxy:
+    """In a follower: the owner's :class:`OwnerLink`, as an
+    :class:`appliance.service.Writer`.  Thread-safe: each call takes an idle connection
+    or opens one, so the owner signs a follower's concurrent requests side by side."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def _call(self, msg: dict[str, Any]) -> Any:
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.path))
+            except OSError as exc:
+                sock.close()
+                raise DeviceError(f"the owner process is not reachable: {exc.strerror}") from None
+        try:
+            _send_msg(sock, msg)
+            reply = _recv_msg(sock)
+        except (OSError, DeviceError) as exc:
+            sock.close()
+            raise DeviceError(f"the owner process did not answer: {exc}") from None
+        if reply is None:
+            sock.close()
+            raise DeviceError("the owner process closed the control connection")
+        with self._lock:
+            self._idle.append(sock)
+        if "error" in reply:
+            text = str(reply.get("message", ""))
+            cls = getattr(errors, str(reply["error"]), None)
+            if not (isinstance(cls, type) and issubclass(cls, ApplianceError)):
+                raise DeviceError(text)
+            try:
+                error = cls(text)
+            except TypeError:  # an error class with more to say than a message
+                raise DeviceError(text) from None
+            raise error
+        return reply["ok"]
+
+    def create_key(self, key_type: str, label: str) -> str:
+        return str(self._call({"op": "create_key", "type": key_type, "label": label}))
+
+    def sign(
+        self,
+        key_id: str,
+        message: bytes,
+        *,
+        kind: str | None,
+        raw: bool,
+        context: bytes,
+        prehashed: bool,
+    ) -> bytes:
+        sig = self._call(
+            {
+                "op": "sign",
+                "key_id": key_id,
+                "message": bytes(message),
+                "kind": kind,
+                "raw": raw,
+                "context": bytes(context),
+                "prehashed": prehashed,
+            }
+        )
+        if not isinstance(sig, bytes):
+            raise DeviceError("the owner process answered a signature that is not bytes")
+        return sig
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+class Followers:
+    """In the owner: the follower processes, their hand-off sockets, the watermark and
+    the control socket; :meth:`close` stops them all."""
+
+    def __init__(
+        self,
+        app: Appliance,
+        n: int,
+        control: Path,
+        argv: Sequence[str],
+        pin: SecretBytes,
+        *,
+        start_timeout: float = 60.0,
+    ) -> None:
+        """Start ``n`` followers: ``argv`` (a ``serve`` command line for this home and
+        socket) plus ``--pin-fd`` and ``--follower``; each gets the PIN through a pipe.
+
+        :raises DeviceError: a follower did not start (it logged why on stderr).
+        """
+        self.app = app
+        self.watermark = Watermark.create()
+        app.wal.on_commit(self.watermark.publish)
+        self.watermark.publish(app.wal.committed_end)
+        self.link = OwnerLink(app, control)
+        self.sockets: list[socket.socket] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for _ in range(n):
+                self._spawn(argv, control, pin)
+            for i, sock in enumerate(self.sockets):
+                sock.settimeout(start_timeout)
+                try:
+                    ready = sock.recv(1)
+                except OSError:
+                    ready = b""
+                if ready != b"R":
+                    raise DeviceError(f"server process {i + 1} of {n + 1} did not start")
+                sock.settimeout(None)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, argv: Sequence[str], control: Path, pin: SecretBytes) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        r, w = os.pipe()
+        try:
+            follower = f"{theirs.fileno()},{self.watermark.fd},{control}"
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
+                [*argv, "--pin-fd", str(r), "--follower", follower],
+                pass_fds=(r, theirs.fileno(), self.watermark.fd),
+            )
+        except BaseException:
+            os.close(w)
+            ours.close()
+            raise
+        finally:
+            os.close(r)
+            theirs.close()
+        self.sockets.append(ours)
+        self.procs.append(proc)
+        try:
+            with memoryview(pin.view()) as view:
+                os.write(w, view)
+        finally:
+            os.close(w)
+
+    def close(self) -> None:
+        """Close the hand-off sockets (each follower then stops), wait for the processes,
+        and release the control socket and the watermark."""
+        for sock in self.sockets:
+            sock.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.app.wal.on_commit(None)
+        self.link.close()
+        self.watermark.close()
