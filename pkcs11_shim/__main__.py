@@ -165,10 +165,7 @@ def serve(args: argparse.Namespace) -> int:
         app = Appliance.open(cfg, pin=pin, passphrase=passphrase)
         if processes > 1:
             try:
-                control = Path(args.socket).absolute().with_name(Path(args.socket).name + ".owner")
-                followers = Followers(
-                    app, processes - 1, control, _follower_argv(args, cfg.home), pin
-                )
+                followers = Followers(app, processes - 1, _follower_argv(args, cfg.home), pin)
             except BaseException:
                 app.close()
                 raise
@@ -205,12 +202,14 @@ def _serve_follower(args: argparse.Namespace, cfg: Config) -> int:
     """A follower of ``serve --processes`` (:mod:`pkcs11_shim.processes`): serve the
     connections the owner hands over until it goes away or SIGTERM."""
     try:
-        inbox_fd, watermark_fd, control = args.follower.split(",", 2)
-        inbox = socket.socket(fileno=int(inbox_fd))
-        watermark = Watermark(int(watermark_fd), writable=False)
+        inbox_fd, watermark_fd, *control_fds = (int(fd) for fd in args.follower.split(","))
+        if not control_fds:
+            raise ValueError("no control sockets")
+        inbox = socket.socket(fileno=inbox_fd)
+        watermark = Watermark(watermark_fd, writable=False)
+        proxy = OwnerProxy([socket.socket(fileno=fd) for fd in control_fds])
     except (ValueError, OSError) as exc:
         raise ConfigError(f"--follower: {exc}") from None
-    proxy = OwnerProxy(Path(control))
     pin = read_pin(args, cfg)
     client_pin = SecretBytes(pin.view())  # as in the owner: only without a PIN store
     try:

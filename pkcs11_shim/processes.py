@@ -13,11 +13,13 @@ and event loop, that serve connections the owner hands them (docs/server-scaling
   looks a key up (:meth:`Appliance.open_follower <appliance.service.Appliance.open_follower>`).
 * **Writing and sealed keys.** A follower signs classically with the token. It holds no
   passphrase and no sealed key: key creation and every signature that needs ML-DSA-87
-  (ML-DSA, dual, composite) go to the owner over a private Unix socket next to the PKCS#11
-  one (:class:`OwnerLink`, :class:`OwnerProxy`), as length-prefixed CBOR maps.
+  (ML-DSA, dual, composite) go to the owner over control socketpairs the follower
+  inherited at its start (:class:`OwnerLink`, :class:`OwnerProxy`), as length-prefixed
+  CBOR maps.  They have no name in the file system: no other process, not even one of the
+  same uid, can reach them and skip the PKCS#11 client login.
 
 A follower exits when the owner goes away (its hand-off socket closes); the owner stops
-its followers when it stops.  Nothing secret crosses the control socket: messages to
+its followers when it stops.  Nothing secret crosses the control sockets: messages to
 sign and signatures, key types and labels, error names.  The token PIN reaches a
 follower once, through a pipe at start (``--pin-fd``).
 """
@@ -33,7 +35,6 @@ import struct
 import subprocess
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final
 
 from appliance import codec, errors
@@ -41,7 +42,6 @@ from appliance.errors import ApplianceError, DeviceError
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from pkcs11_shim.rpc import MAX_MESSAGE
-from pkcs11_shim.server import listen_private
 
 __all__ = ["Followers", "OwnerLink", "OwnerProxy", "Watermark"]
 
@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 
 _LEN: Final = struct.Struct(">I")
 _U64: Final = struct.Struct("<Q")
-_PEERCRED: Final = struct.Struct("3i")
+#: Control socketpairs per follower: its requests to the owner in flight at once (its
+#: worker pool's long calls: ML-DSA signatures, key generation).
+CONTROL_SOCKETS: Final = 8
 #: A control message: a message to sign (at most MAX_MESSAGE) and a little more.
 _MAX_CONTROL: Final = MAX_MESSAGE + 4096
 
@@ -128,36 +130,30 @@ def _recv_msg(sock: socket.socket) -> dict[str, Any] | None:
 
 
 class OwnerLink:
-    """In the owner: answers its followers' requests on a private Unix socket, one
-    thread per follower connection (a follower opens one per concurrent request)."""
+    """In the owner: answers its followers' requests, one thread per control socket.
 
-    def __init__(self, app: Appliance, path: Path) -> None:
+    The control sockets are socketpairs made when a follower starts and inherited by it
+    alone: there is no name to connect to, so no other process (not even one of the same
+    uid, which could otherwise skip the PKCS#11 client login) can ask the owner to sign.
+    """
+
+    def __init__(self, app: Appliance) -> None:
         self.app = app
-        self.path = Path(path)
         self._closing = threading.Event()
         self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._sock = listen_private(self.path, 16)
-        self._thread = threading.Thread(target=self._accept, name="owner-link", daemon=True)
-        self._thread.start()
 
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            try:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-                allowed = _PEERCRED.unpack(creds)[1] == os.getuid()
-            except OSError:
-                allowed = False
-            if not allowed:
-                conn.close()
-                continue
-            with self._lock:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def pair(self) -> socket.socket:
+        """A new control socketpair: this side is served at once; the other (returned)
+        is for one follower to inherit (the caller closes its copy after the spawn)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            self._conns.add(ours)
+        thread = threading.Thread(target=self._serve, args=(ours,), name="owner-link", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return theirs
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -204,49 +200,50 @@ class OwnerLink:
 
     def close(self) -> None:
         self._closing.set()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
         with self._lock:
-            for conn in list(self._conns):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
 
 class OwnerProxy:
     """In a follower: the owner's :class:`OwnerLink`, as an
-    :class:`appliance.service.Writer`.  Thread-safe: each call takes an idle connection
-    or opens one, so the owner signs a follower's concurrent requests side by side."""
+    :class:`appliance.service.Writer`, over the control sockets it inherited.
+    Thread-safe: each call takes an idle socket (waiting when all are in use), so the
+    owner serves a follower's concurrent requests side by side."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._idle: list[socket.socket] = []
-        self._lock = threading.Lock()
+    def __init__(self, socks: Sequence[socket.socket]) -> None:
+        self._idle = list(socks)
+        self._open = len(self._idle)
+        self._cond = threading.Condition()
 
     def _call(self, msg: dict[str, Any]) -> Any:
-        with self._lock:
-            sock = self._idle.pop() if self._idle else None
-        if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self.path))
-            except OSError as exc:
-                sock.close()
-                raise DeviceError(f"the owner process is not reachable: {exc.strerror}") from None
+        with self._cond:
+            while not self._idle:
+                if not self._open:
+                    raise DeviceError("the owner process is not reachable")
+                self._cond.wait()
+            sock = self._idle.pop()
+        reply: dict[str, Any] | None = None
         try:
             _send_msg(sock, msg)
             reply = _recv_msg(sock)
+            if reply is None:
+                raise DeviceError("the owner process closed the control connection")
         except (OSError, DeviceError) as exc:
-            sock.close()
+            reply = None
             raise DeviceError(f"the owner process did not answer: {exc}") from None
-        if reply is None:
-            sock.close()
-            raise DeviceError("the owner process closed the control connection")
-        with self._lock:
-            self._idle.append(sock)
+        finally:
+            with self._cond:
+                if reply is None:  # this socket is broken: never used again
+                    sock.close()
+                    self._open -= 1
+                else:
+                    self._idle.append(sock)
+                self._cond.notify()
         if "error" in reply:
             text = str(reply.get("message", ""))
             cls = getattr(errors, str(reply["error"]), None)
@@ -288,28 +285,31 @@ class OwnerProxy:
         return sig
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._cond.notify_all()
         for sock in idle:
             sock.close()
 
 
 class Followers:
     """In the owner: the follower processes, their hand-off sockets, the watermark and
-    the control socket; :meth:`close` stops them all."""
+    the control link; :meth:`close` stops them all."""
 
     def __init__(
         self,
         app: Appliance,
         n: int,
-        control: Path,
         argv: Sequence[str],
         pin: SecretBytes,
         *,
+        control_sockets: int = CONTROL_SOCKETS,
         start_timeout: float = 60.0,
     ) -> None:
         """Start ``n`` followers: ``argv`` (a ``serve`` command line for this home and
-        socket) plus ``--pin-fd`` and ``--follower``; each gets the PIN through a pipe.
+        socket) plus ``--pin-fd`` and ``--follower``; each gets the PIN through a pipe and
+        ``control_sockets`` control socketpairs (its concurrent requests to the owner).
 
         :raises DeviceError: a follower did not start (it logged why on stderr).
         """
@@ -317,12 +317,12 @@ class Followers:
         self.watermark = Watermark.create()
         app.wal.on_commit(self.watermark.publish)
         self.watermark.publish(app.wal.committed_end)
-        self.link = OwnerLink(app, control)
+        self.link = OwnerLink(app)
         self.sockets: list[socket.socket] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
             for _ in range(n):
-                self._spawn(argv, control, pin)
+                self._spawn(argv, pin, control_sockets)
             for i, sock in enumerate(self.sockets):
                 sock.settimeout(start_timeout)
                 try:
@@ -336,14 +336,15 @@ class Followers:
             self.close()
             raise
 
-    def _spawn(self, argv: Sequence[str], control: Path, pin: SecretBytes) -> None:
+    def _spawn(self, argv: Sequence[str], pin: SecretBytes, control_sockets: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        controls = [self.link.pair() for _ in range(control_sockets)]
         r, w = os.pipe()
         try:
-            follower = f"{theirs.fileno()},{self.watermark.fd},{control}"
+            fds = [theirs.fileno(), self.watermark.fd, *(c.fileno() for c in controls)]
             proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
-                [*argv, "--pin-fd", str(r), "--follower", follower],
-                pass_fds=(r, theirs.fileno(), self.watermark.fd),
+                [*argv, "--pin-fd", str(r), "--follower", ",".join(map(str, fds))],
+                pass_fds=(r, *fds),
             )
         except BaseException:
             os.close(w)
@@ -352,6 +353,8 @@ class Followers:
         finally:
             os.close(r)
             theirs.close()
+            for c in controls:
+                c.close()
         self.sockets.append(ours)
         self.procs.append(proc)
         try:
@@ -362,7 +365,7 @@ class Followers:
 
     def close(self) -> None:
         """Close the hand-off sockets (each follower then stops), wait for the processes,
-        and release the control socket and the watermark."""
+        and release the control link and the watermark."""
         for sock in self.sockets:
             sock.close()
         for proc in self.procs:

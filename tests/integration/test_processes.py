@@ -35,15 +35,21 @@ def _verify_ecdsa(spki: bytes, der_sig: bytes, digest: bytes) -> None:
 
 
 @pytest.fixture
-def pair(appliance: Appliance, tmp_path: Path) -> Iterator[tuple[Appliance, Appliance]]:
+def link(appliance: Appliance) -> Iterator[OwnerLink]:
+    link = OwnerLink(appliance)
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+@pytest.fixture
+def pair(appliance: Appliance, link: OwnerLink) -> Iterator[tuple[Appliance, Appliance]]:
     """(owner, follower)."""
     watermark = Watermark.create()
     appliance.wal.on_commit(watermark.publish)
     watermark.publish(appliance.wal.committed_end)
-    sockdir = tmp_path / "run"
-    sockdir.mkdir(mode=0o700)
-    link = OwnerLink(appliance, sockdir / "p11.sock.owner")
-    proxy = OwnerProxy(link.path)
+    proxy = OwnerProxy([link.pair() for _ in range(2)])
     reader = Watermark(os.dup(watermark.fd), writable=False)
     follower = Appliance.open_follower(
         appliance.cfg, pin=SecretBytes(PIN), committed_end=reader.read, writer=proxy
@@ -53,7 +59,6 @@ def pair(appliance: Appliance, tmp_path: Path) -> Iterator[tuple[Appliance, Appl
     finally:
         follower.close()
         proxy.close()
-        link.close()
         appliance.wal.on_commit(None)
         reader.close()
         watermark.close()
@@ -130,7 +135,7 @@ def test_finalized_key_never_signs_classically_from_a_follower(
         owner.cfg,
         pin=SecretBytes(PIN),
         committed_end=lambda: stale_end,
-        writer=OwnerProxy(Path("/nonexistent")),
+        writer=OwnerProxy([]),
     )
     try:
         assert stale.key(key.key_id).state is KeyState.CLASSICAL
@@ -148,10 +153,14 @@ def test_follower_refuses_what_only_the_owner_writes(pair: tuple[Appliance, Appl
     assert owner.key(key.key_id).state is KeyState.CLASSICAL
 
 
-def test_owner_gone_is_a_clear_error(appliance: Appliance, tmp_path: Path) -> None:
-    proxy = OwnerProxy(tmp_path / "nobody.sock")
-    with pytest.raises(ApplianceError, match="owner process is not reachable"):
+def test_owner_gone_is_a_clear_error() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.close()
+    proxy = OwnerProxy([ours])
+    with pytest.raises(ApplianceError, match="owner process did not answer"):
         proxy.create_key("ecdsa-p256", "x")
+    with pytest.raises(ApplianceError, match="owner process is not reachable"):
+        proxy.create_key("ecdsa-p256", "x")  # its one socket is gone
 
 
 def test_client_pin_failures_add_up_across_processes(tmp_path: Path) -> None:
@@ -181,18 +190,16 @@ def test_client_pin_failures_add_up_across_processes(tmp_path: Path) -> None:
 
 
 def test_owner_link_survives_bad_control_messages(
-    pair: tuple[Appliance, Appliance], tmp_path: Path
+    pair: tuple[Appliance, Appliance], link: OwnerLink
 ) -> None:
     owner, follower = pair
-    path = tmp_path / "run" / "p11.sock.owner"
     for junk in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x03abc", b"\x00\x00\x00\x10short"):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(str(path))
+        with link.pair() as s:
             s.sendall(junk)
             s.shutdown(socket.SHUT_WR)
             s.settimeout(10)
             assert s.recv(100) == b""  # the owner closes that connection
-    proxy = OwnerProxy(path)
+    proxy = OwnerProxy([link.pair()])
     try:
         with pytest.raises(ApplianceError, match="unknown control operation"):
             proxy._call({"op": "format-disk"})
