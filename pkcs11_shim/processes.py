@@ -315,8 +315,7 @@ class Followers:
         """
         self.app = app
         self.watermark = Watermark.create()
-        app.wal.on_commit(self.watermark.publish)
-        self.watermark.publish(app.wal.committed_end)
+        app.wal.on_commit(self.watermark.publish)  # publishes the current length too
         self.link = OwnerLink(app)
         self.sockets: list[socket.socket] = []
         self.procs: list[subprocess.Popen[bytes]] = []

@@ -496,10 +496,13 @@ class Wal:
         return self._committed
 
     def on_commit(self, hook: Callable[[int], None] | None) -> None:
-        """Call ``hook(committed_end)`` after every commit that made something durable,
-        inside the log's mutex (so calls come in order); it must not raise or block."""
+        """Call ``hook(committed_end)`` now and after every commit that made something
+        durable, inside the log's mutex (so no commit is missed and calls come in
+        order); it must not raise or block."""
         with self._mutex:
             self._on_commit = hook
+            if hook is not None:
+                hook(self._committed)
 
     @property
     def torn_bytes(self) -> int:

@@ -48,7 +48,7 @@ def pair(appliance: Appliance, link: OwnerLink) -> Iterator[tuple[Appliance, App
     """(owner, follower)."""
     watermark = Watermark.create()
     appliance.wal.on_commit(watermark.publish)
-    watermark.publish(appliance.wal.committed_end)
+    assert watermark.read() == appliance.wal.committed_end
     proxy = OwnerProxy([link.pair() for _ in range(2)])
     reader = Watermark(os.dup(watermark.fd), writable=False)
     follower = Appliance.open_follower(
