@@ -35,6 +35,7 @@ _SIGN_INIT: Final = 42
 _SIGN: Final = 43
 #: Larger than any signature the appliance's classical keys make (Ed448: 114 bytes).
 _SIG_BUFFER: Final = 512
+_SigBuffer = ctypes.c_char * _SIG_BUFFER
 
 
 class _Mechanism(ctypes.Structure):
@@ -119,12 +120,15 @@ class NativeSigner:
             the operation in the message).
         """
         mech = _Mechanism(mechanism, None, 0)
-        _check(self._sign_init(session, ctypes.byref(mech), key), what)
-        out = ctypes.create_string_buffer(buffer)
+        rv = self._sign_init(session, ctypes.byref(mech), key)
+        if rv != CKR.OK:
+            _check(rv, what)
+        out = _SigBuffer() if buffer == _SIG_BUFFER else ctypes.create_string_buffer(buffer)
         n = _CK_ULONG(buffer)
         rv = self._sign(session, data, len(data), out, ctypes.byref(n))
         if rv == CKR.BUFFER_TOO_SMALL:  # the operation stays active; n says what it needs
             out = ctypes.create_string_buffer(n.value)
             rv = self._sign(session, data, len(data), out, ctypes.byref(n))
-        _check(rv, what)
+        if rv != CKR.OK:
+            _check(rv, what)
         return out.raw[: n.value]
