@@ -17,7 +17,15 @@ from typing import Final
 
 from appliance.errors import CKR, ApplianceError, to_ckr
 from pkcs11_shim.model import CkrError, Client
-from pkcs11_shim.rpc import ProtocolError, Reader, Writer, error_body
+from pkcs11_shim.rpc import (
+    Mechanism,
+    ProtocolError,
+    Reader,
+    Writer,
+    error_body,
+    read_sign,
+    read_sign_init,
+)
 
 __all__ = ["CALLS", "CALL_SIGN_ONCE", "Call", "dispatch", "runs_long"]
 
@@ -197,6 +205,10 @@ def _sign_init(c: Client, r: Reader, w: Writer) -> None:
     mech = r.m()
     key = r.u()
     r.done()
+    _start_signing(c, w, s, mech, key)
+
+
+def _start_signing(c: Client, w: Writer, s: int, mech: Mechanism, key: int) -> None:
     if c.sized_sign_init:  # the module answers size queries with this (README, extension)
         w.u(c.sign_init_sized(s, mech, key))
     else:
@@ -217,6 +229,10 @@ def _sign(c: Client, r: Reader, w: Writer) -> None:
     data = r.ay()
     size = r.fy()
     r.done()
+    _sign_data(c, w, s, data, size)
+
+
+def _sign_data(c: Client, w: Writer, s: int, data: bytes | None, size: int | None) -> None:
     _output(w, size, c.sign_length(s), lambda: c.sign(s, data))
 
 
@@ -375,6 +391,9 @@ CALLS: Final[dict[int, Call]] = {
     CALL_SIGN_ONCE: Call("pqhsm_SignOnce", "uMuayfy", "ay", _sign_once),
 }
 
+_SIGN_INIT: Final = CALLS[42]
+_SIGN: Final = CALLS[43]
+
 #: Request signatures of the supported calls (for generic decoding).
 REQUEST_SIGNATURES: Final = {k: v.request for k, v in CALLS.items()}
 
@@ -493,6 +512,9 @@ def dispatch(client: Client, body: bytes | bytearray) -> bytes:
 
 
 def _dispatch(client: Client, body: bytes | bytearray) -> bytes:
+    plain = _plain_signing(client, body)
+    if plain is not None:
+        return plain
     reader = Reader(body)
     call = CALLS.get(reader.call_id)
     if call is None:
@@ -500,10 +522,33 @@ def _dispatch(client: Client, body: bytes | bytearray) -> bytes:
         return error_body(CKR.FUNCTION_NOT_SUPPORTED)
     if reader.signature != call.request:
         raise ProtocolError(f"{call.name}: signature mismatch")
+    return _answer(client, reader.call_id, call, lambda w: call.handler(client, reader, w))
+
+
+def _plain_signing(client: Client, body: bytes | bytearray) -> bytes | None:
+    """The reply to a ``C_SignInit`` or ``C_Sign`` in the shape every classical signature
+    sends (:func:`~pkcs11_shim.rpc.read_sign_init`, :func:`~pkcs11_shim.rpc.read_sign`:
+    one unpack instead of a :class:`Reader` call per field); None for any other body.
+    The handlers and answers are the general path's."""
+    if not isinstance(body, bytes):
+        return None
+    init = read_sign_init(body)
+    if init is not None:
+        s, mech, key = init
+        return _answer(client, 42, _SIGN_INIT, lambda w: _start_signing(client, w, s, mech, key))
+    sign = read_sign(body)
+    if sign is not None:
+        s, data, size = sign
+        return _answer(client, 43, _SIGN, lambda w: _sign_data(client, w, s, data, size))
+    return None
+
+
+def _answer(client: Client, call_id: int, call: Call, handle: Callable[[Writer], None]) -> bytes:
+    """Run ``handle`` on a writer for ``call``'s reply; failures become error replies."""
     reply = call.extended_reply if client.sized_sign_init and call.extended_reply else call.reply
-    writer = Writer(reader.call_id, reply)
+    writer = Writer(call_id, reply)
     try:
-        call.handler(client, reader, writer)
+        handle(writer)
     except ProtocolError:
         raise
     except CkrError as exc:

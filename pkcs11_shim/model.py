@@ -192,6 +192,9 @@ EXT_MECHANISMS: Final[dict[int, tuple[int, int, int]]] = {
     CKM_PQHSM_DUAL: (0, 0, CKF_HW | CKF_SIGN),
     CKM_PQHSM_COMPOSITE: (0, 0, CKF_HW | CKF_SIGN),
 }
+#: What C_SignInit and C_VerifyInit take: p11-kit's client, and extended connections.
+_SIGNING: Final = frozenset({CKM_ECDSA})
+_EXT_SIGNING: Final = frozenset({CKM_ECDSA, *EXT_MECHANISMS})
 #: CKM_ECDSA_SHA* -> the hash class for a prehashed verification.
 _HASH_CLASS: Final[dict[int, type[hashes.HashAlgorithm]]] = {
     CKM_ECDSA_SHA256: hashes.SHA256,
@@ -907,8 +910,7 @@ class Client:
             raise CkrError(CKR.OPERATION_ACTIVE)
         if not self.logged_in:
             raise CkrError(CKR.USER_NOT_LOGGED_IN)
-        signing = (CKM_ECDSA, *EXT_MECHANISMS) if self.extended else (CKM_ECDSA,)
-        if mech.type not in signing:
+        if mech.type not in (_EXT_SIGNING if self.extended else _SIGNING):
             raise CkrError(CKR.MECHANISM_INVALID)
         key, cls, part = self._object_part(key_handle, invalid=CKR.KEY_HANDLE_INVALID)
         if cls != CKO_PRIVATE_KEY:
@@ -1114,8 +1116,7 @@ class Client:
         s = self._session(handle)
         if s.verify.key is not None:
             raise CkrError(CKR.OPERATION_ACTIVE)
-        allowed = (CKM_ECDSA, *EXT_MECHANISMS) if self.extended else (CKM_ECDSA,)
-        if mech.type not in allowed:
+        if mech.type not in (_EXT_SIGNING if self.extended else _SIGNING):
             raise CkrError(CKR.MECHANISM_INVALID)
         if not self.extended and mech.param:
             raise CkrError(CKR.MECHANISM_PARAM_INVALID)

@@ -49,6 +49,8 @@ __all__ = [
     "decode_fields",
     "encode_frame",
     "error_body",
+    "read_sign",
+    "read_sign_init",
     "split_signature",
     "value_kind",
 ]
@@ -233,9 +235,13 @@ def split_signature(sig: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=128)
-def _reply_codes(signature: str) -> tuple[str, ...]:
-    """A reply signature's field codes, last first (replies use a few fixed ones)."""
-    return tuple(reversed(split_signature(signature)))
+def _reply_start(call_id: int, signature: str) -> tuple[bytes, tuple[str, ...]]:
+    """A reply body's first bytes (call id, signature) and its field codes, last first
+    (replies use a few fixed ones; every reply starts here)."""
+    sig = signature.encode("ascii")
+    return _U32.pack(call_id) + _U32.pack(len(sig)) + sig, tuple(
+        reversed(split_signature(signature))
+    )
 
 
 class Reader:
@@ -428,6 +434,50 @@ class Reader:
             raise ProtocolError("trailing bytes")
 
 
+#: C_SignInit and C_Sign in the shape every classical signature sends them: a mechanism
+#: without a parameter (NULL or empty); one byte array (the digest or message) and an
+#: output buffer size.  :func:`read_sign_init` and :func:`read_sign` read them with one
+#: unpack each, field for field what :class:`Reader` reads (the server answers these two
+#: requests for every signature).
+_SIGN_INIT_BODY: Final = struct.Struct(">II3sQIIQ")
+_SIGN_HEAD: Final = struct.Struct(">II5sQBI")
+_PLAIN_SIGN_INIT: Final = (3, b"uMu")
+_PLAIN_SIGN: Final = (5, b"uayfy")
+
+
+def read_sign_init(body: bytes) -> tuple[int, Mechanism, int] | None:
+    """A ``C_SignInit`` body (call id 42) with a parameterless mechanism: its session,
+    mechanism and key handle; None for any other body (read it with :class:`Reader`)."""
+    if len(body) != _SIGN_INIT_BODY.size:
+        return None
+    call_id, n, sig, session, mtype, plen, key = _SIGN_INIT_BODY.unpack(body)
+    if (
+        call_id != 42
+        or (n, sig) != _PLAIN_SIGN_INIT
+        or plen not in (0, NULL_LEN)
+        or mtype in (CKM_RSA_PKCS_PSS, CKM_RSA_PKCS_OAEP)
+    ):
+        return None
+    return session, Mechanism(mtype, None if plen else b""), key
+
+
+def read_sign(body: bytes) -> tuple[int, bytes, int | None] | None:
+    """A ``C_Sign`` body (call id 43) with its data present: session, data and output
+    size (None: a size query, as :meth:`Reader.fy`); None for any other body."""
+    head = _SIGN_HEAD.size
+    if not head + 4 <= len(body) <= MAX_MESSAGE:
+        return None
+    call_id, n, sig, session, valid, dlen = _SIGN_HEAD.unpack_from(body)
+    if call_id != 43 or (n, sig) != _PLAIN_SIGN or valid != 1 or head + dlen + 4 != len(body):
+        return None
+    size = _U32.unpack_from(body, head + dlen)[0]
+    return (
+        session,
+        body[head : head + dlen],
+        None if size == 0 else (0 if size == NULL_LEN else size),
+    )
+
+
 def decode_fields(body: bytes, signatures: dict[int, str]) -> tuple[int, list[object]]:
     """Decode a whole request generically against the expected signature table.
 
@@ -462,9 +512,9 @@ class Writer:
     __slots__ = ("_codes", "_out")
 
     def __init__(self, call_id: int, signature: str) -> None:
-        self._codes = list(_reply_codes(signature))  # reversed: pop() takes the next
-        sig = signature.encode("ascii")
-        self._out = bytearray(_U32.pack(call_id) + _U32.pack(len(sig)) + sig)
+        start, codes = _reply_start(call_id, signature)
+        self._codes = list(codes)  # reversed: pop() takes the next
+        self._out = bytearray(start)
 
     def _expect(self, code: str) -> None:
         if not self._codes or self._codes[-1] != code:

@@ -22,6 +22,8 @@ from pkcs11_shim.rpc import (
     decode_fields,
     encode_frame,
     error_body,
+    read_sign,
+    read_sign_init,
     request_body,
     split_signature,
 )
@@ -224,3 +226,79 @@ def test_decoder_only_raises_protocol_error_on_random_bodies(body: bytes) -> Non
         Header.parse(body[:12])
     except ProtocolError:
         pass
+
+
+def _read_sign_init_slowly(body: bytes) -> tuple[int, object, int] | None:
+    r = Reader(body)
+    if (r.call_id, r.signature) != (42, "uMu"):
+        return None
+    s, m, k = r.u(), r.m(), r.u()
+    r.done()
+    return s, m, k
+
+
+def _read_sign_slowly(body: bytes) -> tuple[int, bytes | None, int | None] | None:
+    r = Reader(body)
+    if (r.call_id, r.signature) != (43, "uayfy"):
+        return None
+    s, data, size = r.u(), r.ay(), r.fy()
+    r.done()
+    return s, data, size
+
+
+_MECHS = st.sampled_from([0x1041, 0x1057, 0x1D, 0x09, 0x0D, 0x250, 0xFFFFFFFF])
+_U32S = st.sampled_from([0, 1, 10, 64, 0x7FFFFFFF, 0xFFFFFFFE, 0xFFFFFFFF])
+
+
+@st.composite
+def _signing_bodies(draw: st.DrawFn) -> bytes:
+    """C_SignInit and C_Sign bodies near the plain shape, then maybe mutated."""
+    if draw(st.booleans()):
+        param = draw(st.one_of(st.none(), st.binary(max_size=3)))
+        body = request_body(
+            42,
+            "uMu",
+            u64(draw(st.integers(0, 2**64 - 1)))
+            + u32(draw(_MECHS))
+            + arr(param)
+            + u64(draw(st.integers(0, 2**64 - 1))),
+        )
+    else:
+        data = draw(st.one_of(st.none(), st.binary(max_size=80)))
+        valid = draw(st.sampled_from([b"\x01", b"\x01", b"\x00", b"\x02"]))
+        body = request_body(
+            43, "uayfy", u64(draw(st.integers(0, 9))) + valid + arr(data) + u32(draw(_U32S))
+        )
+    for _ in range(draw(st.integers(0, 2))):  # flip, drop or add a byte
+        at = draw(st.integers(0, len(body)))
+        how = draw(st.sampled_from(["flip", "drop", "add"]))
+        if how == "flip" and at < len(body):
+            body = body[:at] + bytes((body[at] ^ draw(st.integers(1, 255)),)) + body[at + 1 :]
+        elif how == "drop":
+            body = body[:at] + body[at + 1 :]
+        else:
+            body = body[:at] + bytes((draw(st.integers(0, 255)),)) + body[at:]
+    return body
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_signing_bodies())
+def test_plain_signing_readers_agree_with_the_reader(body: bytes) -> None:
+    """read_sign_init / read_sign (the server's one-unpack path for every signature) read
+    exactly what Reader reads, and accept every plain-shaped body Reader accepts: a
+    parameterless mechanism other than PSS/OAEP; present data."""
+    for fast, slow in ((read_sign_init, _read_sign_init_slowly), (read_sign, _read_sign_slowly)):
+        try:
+            want = slow(body)
+        except ProtocolError:
+            want = None
+        got = fast(body)
+        if got is not None:
+            assert want is not None
+            assert got == want  # Mechanism compares by type and param
+        elif want is not None:  # the general path's: a parameter, PSS/OAEP or no data
+            if fast is read_sign_init:
+                mech = want[1]
+                assert getattr(mech, "param", None) or getattr(mech, "type", 0) in (0x09, 0x0D)
+            else:
+                assert want[1] is None

@@ -557,3 +557,82 @@ def test_find_by_id_or_label_builds_only_that_keys_objects(
     assert len(c.find(s, 64)) == 1 + len(others)
     c.find_final(s)
     assert len(set(built)) == 1 + len(others)  # no name: every key is looked at
+
+
+# -- the plain signing path answers as the general one -----------------------------------------
+
+
+def _sign_init_body(session: int, mech: int, key: int, param: bytes | None = None) -> bytes:
+    param_field = _u32(0xFFFFFFFF) if param is None else _u32(len(param)) + param
+    return request_body(42, "uMu", _u64(session) + _u32(mech) + param_field + _u64(key))
+
+
+def _sign_body(session: int, data: bytes | None, size: int) -> bytes:
+    data_field = b"\x01" + _u32(0xFFFFFFFF) if data is None else b"\x01" + _u32(len(data)) + data
+    return request_body(43, "uayfy", _u64(session) + data_field + _u32(size))
+
+
+def test_plain_signing_requests_answer_as_the_general_path(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C_SignInit and C_Sign in their usual shape skip the field-by-field Reader
+    (dispatch._plain_signing); every answer, errors and size queries included, and the
+    operation state it leaves are the general path's.  Two clients on one model get the
+    same requests, one through each path."""
+    fast, general = Client(live.server.model), Client(live.server.model)
+    handles = []
+    for c in (fast, general):
+        c.initialize(HANDSHAKE)
+        s = c.open_session(SLOT_ID, 0x6)
+        c.login(s, 1, PIN)
+        c.find_init(s, [Attribute(CKA_CLASS, CKO_PRIVATE_KEY)])
+        handles.append((s, c.find(s, 8)[0]))
+        c.find_final(s)
+    assert handles[0] == handles[1]  # same numbering: the same bodies fit both clients
+    s, key = handles[0]
+    digest = os.urandom(32)
+    steps = [
+        _sign_body(s, digest, 512),  # no operation
+        _sign_init_body(s, CKM_ECDSA, key),
+        _sign_init_body(s, CKM_ECDSA, key),  # one is active
+        _sign_body(s, digest, 0),  # size query: the operation stays
+        _sign_body(s, digest, 10),  # short buffer: the same
+        _sign_body(s, digest, 0xFFFFFFFF),  # NULL buffer with a length
+        _sign_body(s, digest, 512),  # the signature; the operation ends
+        _sign_body(s, digest, 512),
+        _sign_init_body(s, CKM_ECDSA, key, b""),  # empty parameter
+        _sign_body(s, b"", 512),  # empty digest: CKR_ARGUMENTS_BAD, ends it
+        _sign_body(s, digest, 512),
+        _sign_init_body(s, CKM_ECDSA, key, b"\x01"),  # a parameter: the general path
+        _sign_init_body(s, CKM_SHA256, key),  # not a signing mechanism
+        _sign_init_body(s, CKM_ECDSA, key + 1000),  # no such key
+        _sign_init_body(s + 1000, CKM_ECDSA, key),  # no such session
+        _sign_init_body(s, CKM_ECDSA, key),
+        _sign_body(s, None, 512),  # NULL data
+        _sign_init_body(s, CKM_ECDSA, key),
+        _sign_body(s + 1000, digest, 512),
+        _sign_body(s, digest, 512),
+    ]
+    took_plain: list[bool] = []
+    real_plain = dispatch_module._plain_signing
+
+    def watched(client: Client, body: bytes | bytearray) -> bytes | None:
+        reply = real_plain(client, body)
+        took_plain.append(reply is not None)
+        return reply
+
+    for body in steps:
+        monkeypatch.setattr(dispatch_module, "_plain_signing", watched)
+        got = dispatch_module.dispatch(fast, body)
+        monkeypatch.setattr(dispatch_module, "_plain_signing", lambda c, b: None)
+        want = dispatch_module.dispatch(general, body)
+        if want[:4] == _u32(43) and len(want) == 4 + 4 + 2 + 1 + 4 + 64:  # two signatures
+            assert len(got) == len(want)
+            assert got[:15] == want[:15]
+            _check_signature(live.key, digest, got[15:])
+            _check_signature(live.key, digest, want[15:])
+        else:
+            assert got == want, body.hex()
+        assert fast.sessions[s] == general.sessions[s]
+    # Only the mechanism with a parameter and the NULL data took the general path.
+    assert took_plain.count(False) == 2, took_plain
