@@ -258,7 +258,12 @@ class Appliance:
         return self._writer is not None
 
     def _follow(self) -> None:
-        """A follower: replay the WAL again if the owner committed since the last read."""
+        """A follower: apply what the owner committed since the last read.
+
+        Only the new records are read and applied (:meth:`Wal.follow`), so keeping up
+        costs what the owner added, not a replay of the whole log: during a bulk migration
+        the owner commits thousands of times while followers sign.
+        """
         committed = self._committed_end
         if committed is None:
             return
@@ -266,10 +271,14 @@ class Appliance:
         with self._lock:
             if end == self.wal.committed_end:
                 return
-            wal = Wal.open(self.cfg.home / "wal", readonly=True, limit=end)
-            self.wal.close()
-            self.wal = wal
-            self._keys = replay(wal.records())
+            if end < self.wal.committed_end:  # a log cannot shrink under its owner: reread
+                wal = Wal.open(self.cfg.home / "wal", readonly=True, limit=end)
+                self.wal.close()
+                self.wal = wal
+                self._keys = replay(wal.records())
+                return
+            for rec in self.wal.records(self.wal.follow(end)):
+                apply_record(self._keys, rec.type, rec.fields, rec.seq)
 
     def lock(self) -> None:
         """Zeroize the passphrase key and drop every cached ML-DSA signer, at once."""

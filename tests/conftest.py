@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -63,6 +63,21 @@ if TYPE_CHECKING:
     from pkcs11_shim.server import Server
 
 _counter = itertools.count(1)
+
+
+def wal_scan_starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the file offset every WAL scan starts at (0: the whole log)."""
+    from appliance.wal import log as wal_log
+
+    starts: list[int] = []
+    real_scan = wal_log._scan
+
+    def spying(fd: int, path: Path, size: int, after: Any = None) -> Any:
+        starts.append(0 if after is None else after.end)
+        return real_scan(fd, path, size, after)
+
+    monkeypatch.setattr(wal_log, "_scan", spying)
+    return starts
 
 
 def softhsm_module() -> str | None:

@@ -136,22 +136,23 @@ def _refill(fd: int, buf: bytes, base: int, pos: int, need: int, size: int) -> b
     return b"".join(parts)
 
 
-def _scan(fd: int, path: Path, size: int) -> _Scan:
-    """Check every frame of ``wal.log`` up to ``size`` and index it.
+def _scan(fd: int, path: Path, size: int, after: _Scan | None = None) -> _Scan:
+    """Check every frame of ``wal.log`` up to ``size`` and index it; with ``after`` (an
+    earlier scan of the same file), only the frames past its end, its index extended.
 
     :raises WalCorrupted: anything but a torn last frame is wrong.
     """
-    offsets: array[int] = array("q")
+    offsets: array[int] = array("q") if after is None else after.offsets
     add = offsets.append
     unpack = FRAME.unpack_from
     crc32 = zlib.crc32
     sha3 = hashlib.sha3_256
     check = check_body
-    seq = -1
-    head = ZERO_HASH
+    seq = -1 if after is None else after.seq
+    head = ZERO_HASH if after is None else after.hash
+    pos = 0 if after is None else after.end  # file offset of the next frame
     buf = b""
-    base = 0  # file offset of buf[0]
-    pos = 0  # file offset of the next frame
+    base = pos  # file offset of buf[0]
     why = ""
     while pos < size:
         rel = pos - base
@@ -494,6 +495,49 @@ class Wal:
     def committed_end(self) -> int:
         """The file length the last commit made durable (a reader: what it read)."""
         return self._committed
+
+    def follow(self, limit: int) -> int:
+        """A reader of a live writer's log: index the frames up to ``limit`` (the writer's
+        :attr:`committed_end` now) that were appended since this object last read; return
+        the ``seq`` of the first new record (:meth:`records` from there gives them).
+
+        Only the new frames are read and checked, chained to the last one read before: a
+        follower keeps up with a writer in time proportional to what the writer added,
+        not to the whole log.  (A writer only appends past what it committed; it cuts off
+        a partial frame of a failed write, never committed bytes.)
+
+        :raises CallerError: not opened read-only, ``limit`` is below what was read, or the
+            log is closed.
+        :raises WalCorrupted: a new frame is damaged before its last one.
+        """
+        with self._mutex:
+            self._check_open()
+            if not self._readonly:
+                raise CallerError(f"{self._path}: only a read-only log follows a writer")
+            if limit < self._end:
+                raise CallerError(
+                    f"{self._path}: follow limit {limit} is below what was read ({self._end})"
+                )
+            first = len(self._offsets)
+            if limit == self._end:
+                return first
+            size = min(os.fstat(self._fd).st_size, limit)
+            before = _Scan(self._offsets, self._seq, self._hash, self._end, 0, "")
+            try:
+                scan = _scan(self._fd, self._path, size, before)
+            except BaseException:
+                del self._offsets[first:]  # the index as it was: nothing new was read
+                raise
+            if scan.torn:
+                _log.info(
+                    "%s: incomplete frame at offset %d under the follow limit (%s); read up to it",
+                    self._path,
+                    scan.end,
+                    scan.why,
+                )
+            self._seq, self._hash, self._end = scan.seq, scan.hash, scan.end
+            self._committed = scan.end
+            return first
 
     def on_commit(self, hook: Callable[[int], None] | None) -> None:
         """Call ``hook(committed_end)`` now and after every commit that made something

@@ -22,7 +22,7 @@ from appliance.keys import KeyKind, KeyState
 from appliance.secret import SecretBytes
 from appliance.service import Appliance
 from appliance.wal import Wal
-from conftest import PIN
+from conftest import PIN, wal_scan_starts
 from pkcs11_shim.processes import OwnerLink, OwnerProxy, Watermark
 
 pytestmark = pytest.mark.softhsm
@@ -90,6 +90,25 @@ def test_follower_sees_commits_and_nothing_past_them(pair: tuple[Appliance, Appl
     assert "not-yet" not in [k.label for k in follower.keys()]
     owner.wal.commit()
     assert "not-yet" in [k.label for k in follower.keys()]
+
+
+def test_follower_reads_only_what_the_owner_added(
+    pair: tuple[Appliance, Appliance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keeping up costs what the owner committed since the last lookup: the follower
+    scans the log from where it stopped, not from the start (a bulk migration commits
+    thousands of times while followers sign)."""
+    owner, follower = pair
+    keys = [owner.create_key("ecdsa-p256", f"inc-{i}") for i in range(3)]
+    follower.keys()
+    starts = wal_scan_starts(monkeypatch)
+    for key in keys:
+        before = follower.wal.committed_end
+        owner.migrate(owner.key(key.key_id), KeyState.HYBRID)
+        assert follower.key(key.key_id).state is KeyState.HYBRID
+        assert starts[-1] == before > 0
+    assert len(starts) == len(keys)
+    assert {k.key_id: k for k in follower.keys()} == {k.key_id: k for k in owner.keys()}
 
 
 def test_follower_signs_classically_and_forwards_the_rest(

@@ -29,6 +29,7 @@ from appliance import codec, fsio
 from appliance.errors import CallerError, ConfigError, DeviceError, WalCorrupted, WalLocked
 from appliance.wal import FRAME, MAX_BODY, RESERVED, ZERO_HASH, Wal, WalRecord, verify_chain
 from appliance.wal.frame import MAX_DEPTH, BodyError, check_body, encode_body
+from conftest import wal_scan_starts
 
 T0 = 1_700_000_000_000
 REPO = Path(appliance.__file__).resolve().parent.parent
@@ -613,6 +614,54 @@ def test_readonly_leaves_a_torn_tail_in_place(tmp_path: Path) -> None:
         verify_chain(d)
     assert verify_chain(d, allow_torn_tail=True) == (1, written[-1].hash)
     assert log_path(d).read_bytes() == before
+
+
+def test_a_reader_follows_a_writer_reading_only_new_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wal.follow (a serve --processes follower): each call reads only the frames the
+    writer committed since the last one, never past the committed length."""
+    d = tmp_path / "wal"
+    scanned_from = wal_scan_starts(monkeypatch)
+    with Wal.open(d, clock=ticking()) as wal:
+        first = [wal.append_commit("test", {"i": i}) for i in range(3)]
+        with Wal.open(d, readonly=True, limit=wal.committed_end) as ro:
+            assert ro.follow(wal.committed_end) == 3  # nothing new: nothing read
+            more = [wal.append_commit("test", {"i": i}) for i in range(3, 6)]
+            pending = wal.append("test", {"i": 6})  # appended, not committed
+            read_up_to = ro.committed_end
+            scanned_from.clear()
+            assert ro.follow(wal.committed_end) == 3
+            assert scanned_from == [read_up_to]
+            assert list(ro.records(3)) == more
+            assert (len(ro), ro.head) == (6, (5, more[-1].hash))
+            wal.commit()
+            assert ro.follow(wal.committed_end) == 6
+            assert list(ro.records()) == [*first, *more, pending]
+            assert ro.committed_end == wal.committed_end
+            with pytest.raises(CallerError, match="below what was read"):
+                ro.follow(0)
+        with pytest.raises(CallerError, match="read-only"):
+            wal.follow(wal.committed_end)
+
+
+def test_follow_refuses_a_damaged_new_frame_and_keeps_its_index(tmp_path: Path) -> None:
+    d = tmp_path / "wal"
+    with Wal.open(d, clock=ticking()) as wal:
+        wal.append_commit("test", {"i": 0})
+        with Wal.open(d, readonly=True, limit=wal.committed_end) as ro:
+            damaged_at = wal.committed_end
+            for i in range(1, 4):
+                wal.append_commit("test", {"i": i})
+            with log_path(d).open("r+b") as f:  # a byte of the first new body flips
+                f.seek(damaged_at + FRAME.size + 2)
+                b = f.read(1)
+                f.seek(damaged_at + FRAME.size + 2)
+                f.write(bytes((b[0] ^ 0x40,)))
+            with pytest.raises(WalCorrupted):
+                ro.follow(wal.committed_end)
+            assert (len(ro), ro.committed_end) == (1, damaged_at)
+            assert [r.fields["i"] for r in ro.records()] == [0]
 
 
 # -- properties ------------------------------------------------------------------------------
