@@ -271,12 +271,7 @@ class Appliance:
         with self._lock:
             if end == self.wal.committed_end:
                 return
-            if end < self.wal.committed_end:  # a log cannot shrink under its owner: reread
-                wal = Wal.open(self.cfg.home / "wal", readonly=True, limit=end)
-                self.wal.close()
-                self.wal = wal
-                self._keys = replay(wal.records())
-                return
+            # The owner publishes only growing commits (Wal.follow refuses anything less).
             for rec in self.wal.records(self.wal.follow(end)):
                 apply_record(self._keys, rec.type, rec.fields, rec.seq)
 

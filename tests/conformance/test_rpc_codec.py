@@ -228,22 +228,15 @@ def test_decoder_only_raises_protocol_error_on_random_bodies(body: bytes) -> Non
         pass
 
 
-def _read_sign_init_slowly(body: bytes) -> tuple[int, object, int] | None:
+def _read_slowly(body: bytes, call_id: int, signature: str) -> tuple[object, ...] | None:
+    """The fields of a C_SignInit (``uMu``) or C_Sign (``uayfy``) body read with Reader,
+    one method per field code; None for another call."""
     r = Reader(body)
-    if (r.call_id, r.signature) != (42, "uMu"):
+    if (r.call_id, r.signature) != (call_id, signature):
         return None
-    s, m, k = r.u(), r.m(), r.u()
+    fields = tuple(getattr(r, code.lower())() for code in split_signature(signature))
     r.done()
-    return s, m, k
-
-
-def _read_sign_slowly(body: bytes) -> tuple[int, bytes | None, int | None] | None:
-    r = Reader(body)
-    if (r.call_id, r.signature) != (43, "uayfy"):
-        return None
-    s, data, size = r.u(), r.ay(), r.fy()
-    r.done()
-    return s, data, size
+    return fields
 
 
 _MECHS = st.sampled_from([0x1041, 0x1057, 0x1D, 0x09, 0x0D, 0x250, 0xFFFFFFFF])
@@ -287,9 +280,9 @@ def test_plain_signing_readers_agree_with_the_reader(body: bytes) -> None:
     """read_sign_init / read_sign (the server's one-unpack path for every signature) read
     exactly what Reader reads, and accept every plain-shaped body Reader accepts: a
     parameterless mechanism other than PSS/OAEP; present data."""
-    for fast, slow in ((read_sign_init, _read_sign_init_slowly), (read_sign, _read_sign_slowly)):
+    for fast, call_id, signature in ((read_sign_init, 42, "uMu"), (read_sign, 43, "uayfy")):
         try:
-            want = slow(body)
+            want = _read_slowly(body, call_id, signature)
         except ProtocolError:
             want = None
         got = fast(body)
