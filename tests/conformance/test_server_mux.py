@@ -31,9 +31,11 @@ from test_server_live import LIVE_FUZZ, Peer, _frames, assert_survived, serving_
 from appliance.keys import KeyInfo
 from appliance.service import Appliance
 from pkcs11_shim import dispatch as dispatch_module
+from pkcs11_shim import server as server_module
+from pkcs11_shim.dispatch import CALL_SIGN_ONCE
 from pkcs11_shim.model import SLOT_ID
 from pkcs11_shim.rpc import Reader, request_body
-from pkcs11_shim.server import EXTENSION_VERSION_3, Server
+from pkcs11_shim.server import EXTENSION_VERSION_3, EXTENSION_VERSION_4, Server
 
 pytestmark = [pytest.mark.conformance, pytest.mark.softhsm]
 
@@ -44,8 +46,8 @@ NULL = 0xFFFFFFFF
 class MuxPeer(Peer):
     """A raw connection that speaks extension v3: requests go out without waiting."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, timeout=20, version=EXTENSION_VERSION_3)
+    def __init__(self, path: Path, version: int = EXTENSION_VERSION_3) -> None:
+        super().__init__(path, timeout=20, version=version)
         self.code = 1000
 
     @staticmethod
@@ -80,6 +82,11 @@ class MuxPeer(Peer):
 
     def sign_frame(self, code: int, session: int, message: bytes) -> bytes:
         return self.wire(code, 43, "uayfy", _u64(session) + _ay(message) + _u32(8192))
+
+    def once_frame(self, code: int, session: int, key: int, message: bytes) -> bytes:
+        """C_SignInit + C_Sign for ML-DSA-87 in one request (extension v4)."""
+        init = _u64(session) + _u32(CKM_ML_DSA) + _u32(NULL) + _u64(key)
+        return self.wire(code, CALL_SIGN_ONCE, "uMuayfy", init + _ay(message) + _u32(8192))
 
 
 @dataclass
@@ -322,3 +329,132 @@ def test_fuzz_batches_beside_signatures_in_flight(
     mux.still_signs(b"after the fuzz")
     assert seen["signed"] > MUX_FUZZ_EXAMPLES // 4, seen
     assert_survived(mux.server, seen, caplog)
+
+
+def _hold_call(monkeypatch: pytest.MonkeyPatch, call_id: int) -> tuple[threading.Event, list[int]]:
+    """Make each request ``call_id`` wait on its worker until the returned event is set (at
+    most 10 s), from the second one on; the list counts the ones dispatched so far."""
+    release, seen = threading.Event(), [0]
+    real = dispatch_module.dispatch
+
+    def held_dispatch(client: object, body: bytes) -> bytes:
+        if int.from_bytes(body[:4], "big") == call_id:
+            seen[0] += 1
+            if seen[0] > 1:
+                release.wait(10)
+        return real(client, body)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", held_dispatch)
+    return release, seen
+
+
+def _count_lingering_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The call ids a worker waiting on its connection read and ran itself."""
+    ran: list[int] = []
+    real = Server._read_next
+
+    def read_next(self: Server, conn: object) -> tuple[int, bytes, int | None] | None:
+        call = real(self, conn)  # type: ignore[arg-type]
+        if call is not None:
+            ran.append(int.from_bytes(call[1][:4], "big"))
+        return call
+
+    monkeypatch.setattr(Server, "_read_next", read_next)
+    return ran
+
+
+def test_a_signer_in_a_loop_is_read_by_the_worker_that_answered_it(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A v4 client signing ML-DSA in a loop: the worker that sent a reply waits on the
+    connection and runs the next signature itself; every signature is right, and the
+    short calls that follow (read by that worker too) still reach the loop: session info,
+    a logout that ends the next signature's login."""
+    monkeypatch.setattr(server_module, "_LINGER_MS", 2000)  # the next request always comes
+    ran = _count_lingering_reads(monkeypatch)
+    p = MuxPeer(mux.server.path, EXTENSION_VERSION_4)
+    (s,) = p.setup(1)
+    key = p.find_private(s, mux.key)
+    for i in range(8):
+        m = os.urandom(20 + i)
+        p.sock.sendall(p.once_frame(800 + i, s, key, m))
+        code, r = p.reply()
+        assert code == 800 + i
+        mux.check(r.ay(), m)
+    assert ran == [CALL_SIGN_ONCE] * 7  # all but the first, which the loop read
+    p.sock.sendall(p.wire(810, 13, "u", _u64(s)))  # C_GetSessionInfo
+    code, info = p.reply()
+    assert (code, info.call_id) == (810, 13)
+    p.sock.sendall(p.wire(811, 19, "u", _u64(s)))  # C_Logout
+    assert p.reply()[0] == 811
+    p.sock.sendall(p.once_frame(812, s, key, b"after logout"))
+    code, refused = p.reply()
+    assert (code, refused.call_id, refused.u()) == (812, 0, 0x101)  # CKR_USER_NOT_LOGGED_IN
+    assert ran == [CALL_SIGN_ONCE] * 7
+    p.close()
+
+
+def test_a_call_the_waiting_worker_runs_leaves_the_connection_to_the_loop(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signature a waiting worker reads goes back into the loop's hands before it
+    runs: while it is held, a call on another session is answered, and a second
+    signature on that session runs beside it."""
+    monkeypatch.setattr(server_module, "_LINGER_MS", 2000)
+    ran = _count_lingering_reads(monkeypatch)
+    release, seen = _hold_call(monkeypatch, CALL_SIGN_ONCE)
+    p = MuxPeer(mux.server.path, EXTENSION_VERSION_4)
+    s1, s2 = p.setup(2)
+    key = p.find_private(s1, mux.key)
+    m0, m1, m2 = os.urandom(30), os.urandom(31), os.urandom(32)
+    p.sock.sendall(p.once_frame(900, s1, key, m0))
+    assert p.reply()[0] == 900  # not held; its worker now waits on the connection
+    p.sock.sendall(p.once_frame(901, s1, key, m1))  # held, on that worker
+    p.sock.sendall(p.wire(902, 13, "u", _u64(s2)))
+    code, info = p.reply()
+    assert (code, info.call_id) == (902, 13)  # answered while 901 is held
+    p.sock.sendall(p.once_frame(903, s2, key, m2))  # held too, on another worker
+    deadline = time.monotonic() + 10
+    while seen[0] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen[0] == 3  # both held signatures are running at once
+    release.set()
+    replies = dict(p.reply() for _ in range(2))
+    mux.check(replies[901].ay(), m1)
+    mux.check(replies[903].ay(), m2)
+    assert ran[0] == CALL_SIGN_ONCE  # 901 was read by the worker that sent 900
+    p.close()
+
+
+def test_a_worker_never_waits_on_a_connection_the_loop_closed(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client gone while its signature runs: the loop closes its socket, and the next
+    client is given the same descriptor.  The worker that finishes the signature must
+    not take that descriptor for its own connection's (it would steal the new client's
+    requests from the loop)."""
+    monkeypatch.setattr(server_module, "_LINGER_MS", 2000)
+    release = _hold_signatures(monkeypatch)
+    gone = mux.peer()
+    (s,) = gone.setup(1)
+    gone.sign_init(s, gone.find_private(s, mux.key))
+    (old_fd,) = mux.server._conns
+    gone.sock.sendall(gone.sign_frame(950, s, b"gone"))
+    gone.close()
+    deadline = time.monotonic() + 10
+    while mux.server._conns and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not mux.server._conns  # the loop closed it; the signature is still held
+    nxt = mux.peer()
+    nxt.sock.settimeout(5)
+    (s2,) = nxt.setup(1)
+    assert list(mux.server._conns) == [old_fd]  # the descriptor came back
+    release.set()
+    time.sleep(0.2)  # the held signature ends and its worker tries to send
+    key = nxt.find_private(s2, mux.key)
+    nxt.sign_init(s2, key)
+    nxt.sock.sendall(nxt.sign_frame(951, s2, b"next"))
+    code, r = nxt.reply()
+    assert code == 951
+    mux.check(r.ay(), b"next")
+    nxt.close()
