@@ -73,6 +73,7 @@ __all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONNECTIONS", "Server", "listen_private"
 log = logging.getLogger(__name__)
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_CALL_ID: Final = struct.Struct(">I")
 PROTOCOL_VERSION: Final = 0
 #: Version bytes of the pqhsm extension (libpqhsm-pkcs11.so only; README): v1, and v2,
 #: whose C_SignInit reply carries the signature length.  Each is echoed; modules of
@@ -449,8 +450,10 @@ class Server:
                     log.warning("closing a PKCS#11 connection: connection closed inside a message")
                 self._drop(conn)
                 return
-            conn.inbuf += self._rview[:n]
             conn.deadline = time.monotonic() + self.idle_timeout
+            if not conn.inbuf and self._answer_whole(conn, n):
+                return
+            conn.inbuf += self._rview[:n]
             self._process(conn)
         except (BlockingIOError, InterruptedError):
             return
@@ -461,6 +464,33 @@ class Server:
             if not self._closing.is_set():
                 log.info("PKCS#11 connection ended: %s", type(exc).__name__)
             self._drop(conn)
+
+    def _answer_whole(self, conn: _Conn, n: int) -> bool:
+        """Answer the request when the ``n`` bytes just read into the loop's buffer are one
+        whole frame of a short call on a plain connection, the usual case: straight from
+        that buffer, not through the connection's.  False for anything else (a
+        multiplexed connection, part of a frame or more than one, a frame the server
+        refuses, a PIN, a long call), which :meth:`_process` then takes as it comes.
+
+        :raises ProtocolError: the connection must be closed.
+        :raises OSError: the connection failed.
+        """
+        if n < HEADER.size or conn.mux or conn.busy or conn.outbuf or not conn.handshaken:
+            return False
+        code, options_len, body_len = HEADER.unpack_from(self._rbuf)
+        start = HEADER.size + options_len
+        if (
+            start + body_len != n
+            or not 8 <= body_len <= self.max_message
+            or options_len > self.max_message
+            or _CALL_ID.unpack_from(self._rbuf, start)[0] in PIN_CALLS
+        ):
+            return False
+        body = bytes(self._rview[start:n])
+        if runs_long(conn.client, body):
+            return False
+        self._send(conn, encode_frame(code, dispatch(conn.client, body)))
+        return True
 
     def _process(self, conn: _Conn) -> None:
         """Answer every complete frame in the buffer, or hand one to a worker.

@@ -91,10 +91,15 @@ class Peer:
             buf += chunk
         return bytes(buf)
 
-    def frame(self, body: bytes) -> tuple[int, bytes]:
-        """Send one frame (as p11-kit does: header, options, body) and read the reply."""
+    def frame(self, body: bytes, *, pieces: bool = False) -> tuple[int, bytes]:
+        """Send one frame (as p11-kit does: header, options, body) and read the reply;
+        ``pieces``: in three writes far enough apart that the server reads each alone."""
         self.code += 1
-        self.sock.sendall(struct.pack(">III", self.code, 6, len(body)) + b"client" + body)
+        wire = struct.pack(">III", self.code, 6, len(body)) + b"client" + body
+        for piece in (wire[:5], wire[5:20], wire[20:]) if pieces else (wire,):
+            self.sock.sendall(piece)
+            if pieces:
+                time.sleep(0.01)
         code, olen, blen = struct.unpack(">III", self.recv_exact(12))
         return code, self.recv_exact(olen + blen)[olen:]
 
@@ -636,3 +641,61 @@ def test_plain_signing_requests_answer_as_the_general_path(
         assert fast.sessions[s] == general.sessions[s]
     # Only the mechanism with a parameter and the NULL data took the general path.
     assert took_plain.count(False) == 2, took_plain
+
+
+def test_a_request_read_whole_answers_as_one_read_in_pieces(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that arrives in one read is answered straight from the loop's receive
+    buffer (Server._answer_whole); one that arrives in pieces goes through the
+    connection's buffer.  The same requests, sent each way by two clients, get the same
+    answers: session info, a signature with its size query (verified), an error reply,
+    and a frame the server refuses (both connections closed)."""
+    took: list[bool] = []
+    real = Server._answer_whole
+
+    def watched(self: Server, conn: object, n: int) -> bool:
+        took.append(real(self, conn, n))  # type: ignore[arg-type]
+        return took[-1]
+
+    monkeypatch.setattr(Server, "_answer_whole", watched)
+    digest = os.urandom(32)
+    answers = []
+    for pieces in (False, True):
+        p = Peer(live.server.path)
+        s = p.login_session()
+        key = p.find_private(s, live.key)
+        took.clear()
+        got = []
+        for body in (
+            request_body(13, "u", _u64(s)),  # C_GetSessionInfo
+            _sign_init_body(s, CKM_ECDSA, key),
+            _sign_body(s, digest, 0),  # the size query
+            _sign_body(s, digest, 512),
+            _sign_body(s, digest, 512),  # no operation now: an error reply
+        ):
+            code, reply = p.frame(body, pieces=pieces)
+            assert code == p.code
+            got.append(reply)
+        if not pieces:  # two frames in one read: both answered, by the general path
+            two = request_body(13, "u", _u64(s))
+            p.sock.sendall(2 * (struct.pack(">III", 77, 0, len(two)) + two))
+            for _ in range(2):
+                code, _olen, blen = struct.unpack(">III", p.recv_exact(12))
+                assert (code, p.recv_exact(blen)) == (77, got[0])
+            assert took[5:] == [False]
+            del took[5:]
+        assert took == [not pieces] * 5  # asked once a request, at its first read
+        *replies, signature = got[:4]
+        _check_signature(live.key, digest, signature[-64:])
+        answers.append([*replies, got[3][:-64], got[4]])
+        p.code += 1  # a body too short to hold a call id: the connection is closed
+        bad = struct.pack(">III", p.code, 0, 4) + b"\0\0\0\x03"
+        for piece in (bad[:7], bad[7:]) if pieces else (bad,):
+            p.sock.sendall(piece)
+            time.sleep(0.01)
+        with pytest.raises(ConnectionError):
+            p.recv_exact(1)
+        p.close()
+    assert answers[0] == answers[1]
+    assert Reader(answers[0][4]).u() == CKR.OPERATION_NOT_INITIALIZED
