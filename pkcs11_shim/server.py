@@ -227,7 +227,8 @@ class Server:
         self._closed = threading.Event()
         self._rbuf = bytearray(_RECV_CHUNK)  # the loop's receive buffer, reused
         self._rview = memoryview(self._rbuf)
-        self._lingerers = threading.BoundedSemaphore(_LINGERERS)
+        self._lingering = 0  # workers waiting on a connection (_claim), under _linger_lock
+        self._linger_lock = threading.Lock()
         self._local = threading.local()  # a lingering worker's receive buffer
         #: The owner's hand-off sockets, one per follower; accepted connections go round
         #: them and this server (``_turn``).  A follower's: where connections arrive.
@@ -664,9 +665,12 @@ class Server:
             or conn.outbuf
             or conn.stalled
             or self._closing.is_set()
-            or not self._lingerers.acquire(blocking=False)
         ):
             return False
+        with self._linger_lock:
+            if self._lingering >= _LINGERERS:
+                return False
+            self._lingering += 1
         conn.busy = conn.held = True
         return True
 
@@ -710,7 +714,8 @@ class Server:
             self._wake()
             return None
         finally:
-            self._lingerers.release()
+            with self._linger_lock:
+                self._lingering -= 1
 
     def _read_next(self, conn: _Conn) -> tuple[int, bytes, int | None] | None:
         """Read what arrived on a connection this worker holds into its buffer; the first

@@ -458,3 +458,27 @@ def test_a_worker_never_waits_on_a_connection_the_loop_closed(
     assert code == 951
     mux.check(r.ay(), b"next")
     nxt.close()
+
+
+def test_only_so_many_workers_wait_on_connections(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting workers are capped (_LINGERERS), so they never take the whole pool: with a
+    cap of one, three clients that signed leave one worker waiting, and all three (and a
+    fourth that logs in, which needs a worker) are served."""
+    monkeypatch.setattr(server_module, "_LINGER_MS", 2000)
+    monkeypatch.setattr(server_module, "_LINGERERS", 1)
+    peers = [MuxPeer(mux.server.path, EXTENSION_VERSION_4) for _ in range(3)]
+    sessions = [p.setup(1)[0] for p in peers]
+    keys = [p.find_private(s, mux.key) for p, s in zip(peers, sessions, strict=True)]
+    for rnd in range(2):
+        for i, (p, s, key) in enumerate(zip(peers, sessions, keys, strict=True)):
+            m = os.urandom(24 + i)
+            p.sock.sendall(p.once_frame(1100 + 10 * rnd + i, s, key, m))
+            code, r = p.reply()
+            assert code == 1100 + 10 * rnd + i
+            mux.check(r.ay(), m)
+        assert mux.server._lingering == 1
+    mux.still_signs(b"a fourth client")
+    for p in peers:
+        p.close()
