@@ -631,6 +631,10 @@ class Server:
         with conn.lock:
             conn.inflight -= 1
             conn.running.discard(session)
+            # Taken over before the reply goes out: the client may answer it at once, and
+            # the loop must not wake for that (on one CPU it would spin on a connection it
+            # may not read, and keep the GIL from this worker for a switch interval).
+            claimed = error is None and self._claim(conn)
             if frame and not conn.outbuf and not self._closing.is_set():
                 try:
                     frame = frame[conn.sock.send(frame) :]
@@ -641,9 +645,10 @@ class Server:
             conn.outbuf += frame
             handback = error is not None or conn.stalled or bool(conn.outbuf)
             if handback:
+                if claimed:  # the loop sends the rest (it registers the connection again)
+                    claimed = False
+                    self._unclaim(conn)
                 conn.handbacks += 1
-            else:
-                claimed = self._claim(conn)
         if handback:
             self._mux_done.append((conn, error))
             self._wake()
@@ -651,10 +656,11 @@ class Server:
         return claimed
 
     def _claim(self, conn: _Conn) -> bool:
-        """Take a multiplexed connection over from the loop when nothing else of it is
-        going on: no call in flight, no bytes or reply waiting, the loop not serving it, a
-        lingering slot free.  Called with ``conn.lock`` held (the loop closes a connection
-        under it: a closed one's descriptor may already be another connection's)."""
+        """Take a multiplexed connection over from the loop (out of epoll, ``held``) when
+        nothing else of it is going on: no call in flight, no bytes or reply waiting, the
+        loop not serving it, a lingering slot free.  Called with ``conn.lock`` held (the
+        loop closes a connection under it: a closed one's descriptor may already be
+        another connection's)."""
         if (
             conn.sock.fileno() < 0
             or conn.busy
@@ -671,8 +677,25 @@ class Server:
             if self._lingering >= _LINGERERS:
                 return False
             self._lingering += 1
+        try:
+            if self._epoll is None:
+                raise ValueError("no epoll")
+            if conn.armed:
+                self._epoll.unregister(conn.fd)
+        except (OSError, ValueError):  # the server is closing under us
+            with self._linger_lock:
+                self._lingering -= 1
+            return False
+        conn.armed = 0
         conn.busy = conn.held = True
         return True
+
+    def _unclaim(self, conn: _Conn) -> None:
+        """Undo :meth:`_claim` (the connection stays out of epoll, ``armed`` 0, for the
+        loop to register again)."""
+        conn.busy = conn.held = False
+        with self._linger_lock:
+            self._lingering -= 1
 
     def _linger(self, conn: _Conn) -> tuple[int, bytes, int | None] | None:
         """Wait up to :data:`_LINGER_MS` on a connection this worker took over for its
@@ -688,15 +711,6 @@ class Server:
         epoll before it runs, so the client's other threads are served beside it.
         """
         try:
-            try:
-                if self._epoll is None:
-                    raise ValueError("no epoll")
-                self._epoll.unregister(conn.fd)
-            except (OSError, ValueError):  # the server is closing under us
-                self._done.append((conn, None, "server closing"))
-                self._wake()
-                return None
-            conn.armed = 0
             waiting = select.poll()
             waiting.register(conn.fd, select.POLLIN)
             if not waiting.poll(_LINGER_MS) or self._closing.is_set():

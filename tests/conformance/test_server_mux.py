@@ -10,6 +10,7 @@ session sees (login state, the session table, objects) wait until nothing is in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mldsa
@@ -363,25 +365,56 @@ def _count_lingering_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return ran
 
 
+@contextlib.contextmanager
+def _one_cpu() -> Iterator[None]:
+    """Every thread of this process (test client and server alike; threads started
+    meanwhile inherit it) on the first CPU it may use, then back."""
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    before = {t: os.sched_getaffinity(t) for t in tasks}
+    cpu = min(os.sched_getaffinity(0))
+    for t in tasks:
+        os.sched_setaffinity(t, {cpu})
+    try:
+        yield
+    finally:
+        for t, cpus in before.items():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(t, cpus)
+
+
 def test_a_signer_in_a_loop_is_read_by_the_worker_that_answered_it(
     mux: Mux, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A v4 client signing ML-DSA in a loop: the worker that sent a reply waits on the
-    connection and runs the next signature itself; every signature is right, and the
-    short calls that follow (read by that worker too) still reach the loop: session info,
-    a logout that ends the next signature's login."""
+    connection and runs the next signature itself, and the loop thread never wakes for
+    it, even with client and server on one CPU, where the client answers a reply before
+    the worker runs again (the loop then woke, could not read the connection, and kept
+    the GIL from the worker: 5 ms stalls); every signature is right, and the short calls
+    that follow (read by that worker too) still reach the loop: session info, a logout
+    that ends the next signature's login."""
     monkeypatch.setattr(server_module, "_LINGER_MS", 2000)  # the next request always comes
     ran = _count_lingering_reads(monkeypatch)
+    woke: list[bool] = []
+    real_event = Server._on_event
+
+    def on_event(self: Server, conn: Any, ev: int) -> None:
+        woke.append(conn.held)
+        real_event(self, conn, ev)
+
+    monkeypatch.setattr(Server, "_on_event", on_event)
     p = MuxPeer(mux.server.path, EXTENSION_VERSION_4)
     (s,) = p.setup(1)
     key = p.find_private(s, mux.key)
-    for i in range(8):
-        m = os.urandom(20 + i)
-        p.sock.sendall(p.once_frame(800 + i, s, key, m))
-        code, r = p.reply()
-        assert code == 800 + i
-        mux.check(r.ay(), m)
+    woke.clear()
+    with _one_cpu():
+        for i in range(8):
+            m = os.urandom(20 + i)
+            p.sock.sendall(p.once_frame(800 + i, s, key, m))
+            code, r = p.reply()
+            assert code == 800 + i
+            mux.check(r.ay(), m)
     assert ran == [CALL_SIGN_ONCE] * 7  # all but the first, which the loop read
+    assert woke == [False]  # the loop woke for the first request only
     p.sock.sendall(p.wire(810, 13, "u", _u64(s)))  # C_GetSessionInfo
     code, info = p.reply()
     assert (code, info.call_id) == (810, 13)
