@@ -705,10 +705,10 @@ class Server:
         A client signing ML-DSA in a loop sends its next request a fraction of a
         millisecond after its reply: read here, it skips waking the loop thread and then
         a worker (one module client on the CI VM, client latency minus signing time at
-        the median, 7 alternating runs: 286-366 -> 255-356 us, ~25 us less; the VM's
-        noise is larger than the gain).  While the worker waits the connection is out of
-        epoll and ``busy``, so the loop leaves it alone; the next call goes back into
-        epoll before it runs, so the client's other threads are served beside it.
+        the median: 286-366 -> 255-356 us over 7 alternating runs, within the VM's noise;
+        pinned to one CPU 173-212 -> 141-159 us).  While the worker waits the connection
+        is out of epoll and ``busy``, so the loop leaves it alone; the next call goes back
+        into epoll before it runs, so the client's other threads are served beside it.
         """
         try:
             waiting = select.poll()

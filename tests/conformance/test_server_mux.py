@@ -32,6 +32,7 @@ from test_server_live import LIVE_FUZZ, Peer, _frames, assert_survived, serving_
 
 from appliance.keys import KeyInfo
 from appliance.service import Appliance
+from conftest import PIN
 from pkcs11_shim import dispatch as dispatch_module
 from pkcs11_shim import server as server_module
 from pkcs11_shim.dispatch import CALL_SIGN_ONCE
@@ -515,3 +516,36 @@ def test_only_so_many_workers_wait_on_connections(
     mux.still_signs(b"a fourth client")
     for p in peers:
         p.close()
+
+
+def test_a_pin_read_by_a_waiting_worker_is_wiped_from_its_buffer(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C_Login sent right after a signature is read by the worker waiting on the
+    connection; it goes on to the loop (which wipes its own copies) and is answered
+    (already logged in), and the worker's receive buffer holds no byte of it after."""
+    monkeypatch.setattr(server_module, "_LINGER_MS", 2000)
+    buffers: list[bytes] = []
+    real = Server._read_next
+
+    def read_next(self: Server, conn: Any) -> tuple[int, bytes, int | None] | None:
+        call = real(self, conn)
+        buffers.append(bytes(self._local.buf))  # this worker thread's buffer
+        return call
+
+    monkeypatch.setattr(Server, "_read_next", read_next)
+    p = MuxPeer(mux.server.path, EXTENSION_VERSION_4)
+    (s,) = p.setup(1)
+    key = p.find_private(s, mux.key)
+    for i in range(3):
+        m = os.urandom(20 + i)
+        p.sock.sendall(p.once_frame(1200 + i, s, key, m))  # its worker then waits
+        code, r = p.reply()
+        assert code == 1200 + i
+        mux.check(r.ay(), m)
+        p.sock.sendall(p.wire(1210 + i, 18, "uuay", _u64(s) + _u64(1) + _ay(PIN)))
+        code, login = p.reply()
+        assert (code, login.call_id, login.u()) == (1210 + i, 0, 0x100)  # ALREADY_LOGGED_IN
+    assert len(buffers) == 3  # each login came through the waiting worker
+    assert all(not any(b) for b in buffers)
+    p.close()
