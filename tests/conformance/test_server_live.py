@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,15 +91,19 @@ class Peer:
             buf += chunk
         return bytes(buf)
 
-    def frame(self, body: bytes, *, pieces: bool = False) -> tuple[int, bytes]:
+    def frame(
+        self, body: bytes, *, pieces: Callable[[int], None] | None = None
+    ) -> tuple[int, bytes]:
         """Send one frame (as p11-kit does: header, options, body) and read the reply;
-        ``pieces``: in three writes far enough apart that the server reads each alone."""
+        with ``pieces``, in three writes, calling it after each but the last with the
+        bytes sent so far (to wait until the server has read them)."""
         self.code += 1
         wire = struct.pack(">III", self.code, 6, len(body)) + b"client" + body
-        for piece in (wire[:5], wire[5:20], wire[20:]) if pieces else (wire,):
+        parts = (wire[:5], wire[5:20], wire[20:]) if pieces else (wire,)
+        for i, piece in enumerate(parts):
             self.sock.sendall(piece)
-            if pieces:
-                time.sleep(0.01)
+            if pieces is not None and i < len(parts) - 1:
+                pieces(sum(map(len, parts[: i + 1])))
         code, olen, blen = struct.unpack(">III", self.recv_exact(12))
         return code, self.recv_exact(olen + blen)[olen:]
 
@@ -651,21 +655,32 @@ def test_a_request_read_whole_answers_as_one_read_in_pieces(
     connection's buffer.  The same requests, sent each way by two clients, get the same
     answers: session info, a signature with its size query (verified), an error reply,
     and a frame the server refuses (both connections closed)."""
-    took: list[bool] = []
+    took: dict[int, bool] = {}  # frame code -> answered from the loop's buffer
     real = Server._answer_whole
 
     def watched(self: Server, conn: object, n: int) -> bool:
-        took.append(real(self, conn, n))  # type: ignore[arg-type]
-        return took[-1]
+        code = int.from_bytes(self._rbuf[:4], "big") if n >= 4 else None
+        whole = real(self, conn, n)  # type: ignore[arg-type]
+        if code is not None:  # recorded after the reply went out: the test waits for it
+            took[code] = whole
+        return whole
 
     monkeypatch.setattr(Server, "_answer_whole", watched)
+
+    def read_by_server(n: int) -> None:  # the piece is in the connection's buffer
+        deadline = time.monotonic() + 10
+        while sum(len(c.inbuf) for c in list(live.server._conns.values())) < n:
+            assert time.monotonic() < deadline, "the server did not read the piece"
+            time.sleep(0.001)
+
     digest = os.urandom(32)
     answers = []
-    for pieces in (False, True):
+    for split in (False, True):
+        pieces = read_by_server if split else None
         p = Peer(live.server.path)
         s = p.login_session()
         key = p.find_private(s, live.key)
-        took.clear()
+        p.code = 1000 * (1 + split)  # codes of their own in each round
         got = []
         for body in (
             request_body(13, "u", _u64(s)),  # C_GetSessionInfo
@@ -677,23 +692,26 @@ def test_a_request_read_whole_answers_as_one_read_in_pieces(
             code, reply = p.frame(body, pieces=pieces)
             assert code == p.code
             got.append(reply)
-        if not pieces:  # two frames in one read: both answered, by the general path
+        codes = range(p.code - 4, p.code + 1)
+        deadline = time.monotonic() + 10
+        while not all(c in took for c in codes) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert [took.get(c) for c in codes] == [not split] * 5  # asked at a first read
+        if not split:  # two frames in one write (usually one read): both answered
             two = request_body(13, "u", _u64(s))
             p.sock.sendall(2 * (struct.pack(">III", 77, 0, len(two)) + two))
             for _ in range(2):
                 code, _olen, blen = struct.unpack(">III", p.recv_exact(12))
                 assert (code, p.recv_exact(blen)) == (77, got[0])
-            assert took[5:] == [False]
-            del took[5:]
-        assert took == [not pieces] * 5  # asked once a request, at its first read
         *replies, signature = got[:4]
         _check_signature(live.key, digest, signature[-64:])
         answers.append([*replies, got[3][:-64], got[4]])
         p.code += 1  # a body too short to hold a call id: the connection is closed
         bad = struct.pack(">III", p.code, 0, 4) + b"\0\0\0\x03"
-        for piece in (bad[:7], bad[7:]) if pieces else (bad,):
-            p.sock.sendall(piece)
-            time.sleep(0.01)
+        p.sock.sendall(bad[:7])
+        if split:
+            read_by_server(7)
+        p.sock.sendall(bad[7:])
         with pytest.raises(ConnectionError):
             p.recv_exact(1)
         p.close()
