@@ -103,7 +103,7 @@ class _boundary:  # noqa: N801 - used as a context manager, like a function
     def __exit__(
         self, _type: type[BaseException] | None, exc: BaseException | None, _tb: object
     ) -> None:
-        if isinstance(exc, p11x.PKCS11Error) and not isinstance(exc, errors.ApplianceError):
+        if isinstance(exc, p11x.PKCS11Error):  # our own errors pass through untouched
             raise _translate(exc, self._what) from None
 
 

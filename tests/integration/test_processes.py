@@ -34,6 +34,11 @@ def _verify_ecdsa(spki: bytes, der_sig: bytes, digest: bytes) -> None:
     key.verify(der_sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
+def _sign_classically(app: Appliance, key_id: str, digest: bytes) -> bytes:
+    """A prehashed classical signature by ``app`` (a follower signs these with its token)."""
+    return app.sign(app.key(key_id), digest, kind="classical", prehashed=True)
+
+
 @pytest.fixture
 def link(appliance: Appliance) -> Iterator[OwnerLink]:
     link = OwnerLink(appliance)
@@ -117,7 +122,7 @@ def test_follower_signs_classically_and_forwards_the_rest(
     owner, follower = pair
     ec_key = owner.create_key("ecdsa-p256", "f-ec2")
     digest = hashlib.sha256(b"follower").digest()
-    sig = follower.sign(follower.key(ec_key.key_id), digest, kind="classical", prehashed=True)
+    sig = _sign_classically(follower, ec_key.key_id, digest)
     assert ec_key.classical_spki is not None
     _verify_ecdsa(ec_key.classical_spki, sig, digest)
     # created through the follower: the owner creates and commits it, the follower sees it
@@ -139,7 +144,7 @@ def test_finalized_key_never_signs_classically_from_a_follower(
     owner, follower = pair
     key = owner.create_key("ecdsa-p256", "f-fin")
     digest = hashlib.sha256(b"before").digest()
-    assert follower.sign(follower.key(key.key_id), digest, kind="classical", prehashed=True)
+    assert _sign_classically(follower, key.key_id, digest)
     stale_end = follower.wal.committed_end
     owner.migrate(key, KeyState.HYBRID)
     assert follower.key(key.key_id).state is KeyState.HYBRID
@@ -148,7 +153,7 @@ def test_finalized_key_never_signs_classically_from_a_follower(
     owner.migrate(owner.key(key.key_id), KeyState.PQC_ONLY)
     assert follower.key(key.key_id).state is KeyState.PQC_ONLY
     with pytest.raises(StateError):
-        follower.sign(follower.key(key.key_id), digest, kind="classical", prehashed=True)
+        _sign_classically(follower, key.key_id, digest)
     # a follower that had not seen the commit still cannot: the token object is gone
     stale = Appliance.open_follower(
         owner.cfg,
