@@ -12,14 +12,17 @@ processes (python-pkcs11) that sign for SECONDS and records every call's latency
   python-pkcs11 on the same SoftHSM2 token (the baseline);
 * Ed25519 (``CKM_EDDSA``, 64-byte message): our module vs SoftHSM2 directly;
 * ML-DSA-87 (``CKM_ML_DSA``, 64-byte message, hedged): our module vs ``cryptography``'s
-  ``MLDSA87PrivateKey.sign`` in one process (the baseline; no token involved).  python-pkcs11
-  makes two round trips per signature (``C_SignInit``, ``C_Sign``; the module answers the
-  size query between them itself); the ``driver mldsa`` rows are a C client passing a
-  4627-byte buffer at once, with one thread and with two threads (each on its own session)
-  sharing the process's one multiplexed connection (extension v3), against
-  ``cryptography`` signing in one process on as many threads.  The ML-DSA setups run in
-  WINDOWS alternating windows of SECONDS each (one row: WINDOWS x SECONDS), as load
-  from elsewhere on a shared machine swings single runs by +-15 %.
+  ``MLDSA87PrivateKey.sign`` in a process of its own (the baseline; no token involved).
+  python-pkcs11 makes one round trip per signature (the module answers the size query
+  itself and sends a repeated ``C_SignInit`` with the ``C_Sign``, extension v4); the C
+  client (``driver mldsa``) passes a 4627-byte buffer at once, with one thread and with two
+  threads (each on its own session) sharing the process's one multiplexed connection,
+  against ``cryptography`` signing in one process on as many threads.  Every ML-DSA setup's
+  clients are started first and then sign in turns of WINDOW_MS (200 ms; the others
+  idle) until each has signed for SHARE x SECONDS: load from elsewhere on a shared machine
+  swings the rate by +-15 % within seconds, and turns this short hit every setup alike
+  (3 s turns left the baseline and the module rows seconds apart, and their ratio moved
+  with the machine more than with the code).
 * The round-trip floor: a minimal signer (``cryptography`` in a forked process, one
   thread blocked on a Unix socket: receive, sign, send) and a client making one round
   trip per signature, no PKCS#11 and no server logic.  No design that signs in another
@@ -50,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from hardware.lab import make_home
@@ -61,9 +63,39 @@ SOURCE = ROOT / "pkcs11_shim" / "c"
 DRIVER = ROOT / "tests" / "module" / "driver.c"
 P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 CC = ("gcc", "-std=c11", "-O2", "-pthread")
-#: The ML-DSA-87 setups alternate in this many windows of SECONDS each.
-WINDOWS = 3
+#: Each ML-DSA-87 setup signs for SHARE x SECONDS in all, in turns of WINDOW_MS.
+SHARE = 3
+WINDOW_MS = 200
 SOFTHSM = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
+
+#: Windows paced from standard input, for the ML-DSA rows: a client prints "ready", then
+#: for each line "MS" signs for MS milliseconds (on THREADS threads) and prints one line,
+#: the window's length in ns and then each signature's latency in ns, as ``driver mldsa
+#: LABEL -`` does.  Prepended to the ML-DSA scripts below.
+PACED = r"""
+import sys, threading, time
+def paced(sign, threads=1):
+    print("ready", flush=True)
+    for line in sys.stdin:
+        end = time.perf_counter() + float(line) / 1e3
+        lats = [[] for _ in range(threads)]
+        def run(lat):
+            while time.perf_counter() < end:
+                t0 = time.perf_counter_ns()
+                sign()
+                lat.append(time.perf_counter_ns() - t0)
+        start = time.perf_counter_ns()
+        if threads == 1:
+            run(lats[0])
+        else:
+            ts = [threading.Thread(target=run, args=(lat,)) for lat in lats]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        took = time.perf_counter_ns() - start
+        print(took, *(x for lat in lats for x in lat), flush=True)
+"""
 
 WORKER = r"""
 import hashlib, json, os, sys, time
@@ -71,15 +103,17 @@ import pkcs11
 from pkcs11 import Attribute, Mechanism, ObjectClass
 module, label, seconds, mech = sys.argv[1:5]
 pin = os.environ["PQHSM_TEST_PIN"]  # not argv: ps shows argv to everyone
-seconds = float(seconds)
 lib = pkcs11.lib(module)
 token = next(s.get_token() for s in lib.get_slots(token_present=True))
 with token.open(user_pin=pin) as s:
     key = next(s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}))
     data = hashlib.sha256(b"bench").digest() if mech == "ECDSA" else bytes(range(64))
     mechanism = getattr(Mechanism, mech)
+    if seconds == "-":
+        paced(lambda: key.sign(data, mechanism=mechanism))
+        sys.exit(0)
     lat = []
-    end = time.perf_counter() + seconds
+    end = time.perf_counter() + float(seconds)
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         key.sign(data, mechanism=mechanism)
@@ -87,25 +121,12 @@ with token.open(user_pin=pin) as s:
 print(json.dumps(lat))
 """
 
+#: The baseline: ``cryptography`` signing in the client's own process (paced).
 INPROCESS_MLDSA = r"""
-import json, sys, threading, time
 from cryptography.hazmat.primitives.asymmetric import mldsa
-seconds, threads = float(sys.argv[1]), int(sys.argv[2])
 key = mldsa.MLDSA87PrivateKey.generate()
 data = bytes(range(64))
-lats = [[] for _ in range(threads)]
-end = time.perf_counter() + seconds
-def run(lat):
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        key.sign(data)  # cryptography signs without the GIL
-        lat.append(time.perf_counter() - t0)
-ts = [threading.Thread(target=run, args=(lat,)) for lat in lats]
-for t in ts:
-    t.start()
-for t in ts:
-    t.join()
-print(json.dumps([x for lat in lats for x in lat]))
+paced(lambda: key.sign(data), int(sys.argv[1]))  # cryptography signs without the GIL
 """
 
 
@@ -114,9 +135,8 @@ print(json.dumps([x for lat in lats for x in lat]))
 #: signature, no PKCS#11 and no server logic.  What it loses against in-process signing
 #: is what a round trip costs on this machine; the module rows are measured against it too.
 ROUND_TRIP_FLOOR = r"""
-import json, os, socket, sys, time
+import os, socket
 from cryptography.hazmat.primitives.asymmetric import mldsa
-seconds = float(sys.argv[1])
 data = bytes(range(64))
 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 pid = os.fork()
@@ -131,18 +151,14 @@ if pid == 0:
             os._exit(0)
         theirs.sendall(key.sign(message))
 theirs.close()
-lat = []
-end = time.perf_counter() + seconds
-while time.perf_counter() < end:
-    t0 = time.perf_counter()
+def round_trip():
     ours.sendall(data)
     got = 0
     while got < 4627:
         got += len(ours.recv(8192))
-    lat.append(time.perf_counter() - t0)
+paced(round_trip)
 ours.close()
 os.waitpid(pid, 0)
-print(json.dumps(lat))
 """
 
 
@@ -184,10 +200,61 @@ def overhead(
     return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
 
 
-def c_latencies(argv: list[str], env: dict[str, str]) -> list[float]:
-    """Latencies printed by ``driver mldsa`` (nanoseconds after a count)."""
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=300)
-    return [int(x) / 1e9 for x in out.stdout.split()[1:]]
+class Paced:
+    """One ML-DSA setup's client processes, signing in windows paced on their stdin (all
+    of them at once for each window)."""
+
+    def __init__(self, argvs: list[list[str]], env: dict[str, str]) -> None:
+        self.procs = [
+            subprocess.Popen(
+                argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            for argv in argvs
+        ]
+        self.lat: list[float] = []
+        self.seconds = 0.0
+        for p in self.procs:
+            if p.stdout is None or p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{argvs[0][:4]} did not start")
+
+    def window(self, ms: int) -> None:
+        for p in self.procs:
+            if p.stdin is not None:
+                p.stdin.write(f"{ms}\n")
+                p.stdin.flush()
+        took = 0
+        for p in self.procs:
+            line = p.stdout.readline() if p.stdout is not None else ""
+            if not line:
+                raise RuntimeError(f"a paced client ended (exit {p.wait()})")
+            ns, *lat = (int(x) for x in line.split())
+            took = max(took, ns)
+            self.lat += [x / 1e9 for x in lat]
+        self.seconds += took / 1e9
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def interleave(setups: dict[str, Paced], seconds: float) -> None:
+    """Give each setup windows of :data:`WINDOW_MS` in turn until each has signed for
+    ``seconds``: a slow stretch of the shared machine then hits every setup alike."""
+    rounds = max(1, round(seconds * 1e3 / WINDOW_MS))
+    try:
+        for _ in range(rounds):
+            for setup in setups.values():
+                setup.window(WINDOW_MS)
+    finally:
+        for setup in setups.values():
+            setup.close()
 
 
 def mldsa_rows(
@@ -198,70 +265,69 @@ def mldsa_rows(
     c_client: list[str],
     server: int | None,
 ) -> list[str]:
-    """The ML-DSA-87 rows, measured in WINDOWS alternating windows of SECONDS each so a
-    slow stretch of a shared machine hits every setup alike.
+    """The ML-DSA-87 rows: every setup's clients run at once and sign in turns of
+    :data:`WINDOW_MS` (the others idle), SHARE x ``seconds`` each in all.
 
     With ``server`` (its pid; needs ``taskset``), one client and the server (all its
     threads) are also measured on CPU 0 only, against in-process signing on CPU 0: what
     the software costs without the machine's cross-CPU wake-ups (on a VM, waking a halted
     virtual CPU is most of what a round trip costs).
     """
-    timeout = seconds + 120
-    inproc = [sys.executable, "-c", INPROCESS_MLDSA, str(seconds)]
+    inproc = [sys.executable, "-c", PACED + INPROCESS_MLDSA]
+    floor = [sys.executable, "-c", PACED + ROUND_TRIP_FLOOR]
     one_cpu = ["taskset", "-c", "0"]
-    setups: dict[str, Callable[[], list[float]]] = {
-        "in1": lambda: run([[*inproc, "1"]], env, timeout),
-        "in2": lambda: run([[*inproc, "2"]], env, timeout),
-        "floor": lambda: run(
-            [[sys.executable, "-c", ROUND_TRIP_FLOOR, str(seconds)]], env, timeout
-        ),
-        "py1": lambda: run([py_client], ours, timeout),
-        "py2": lambda: run([py_client] * 2, ours, timeout),
-        "c1": lambda: c_latencies([*c_client, "1"], ours),
-        "c2": lambda: c_latencies([*c_client, "2"], ours),
-    }
-    pinned: dict[str, Callable[[], list[float]]] = {
-        "cpu0 in1": lambda: run([[*one_cpu, *inproc, "1"]], env, timeout),
-        "cpu0 py1": lambda: run([[*one_cpu, *py_client]], ours, timeout),
-        "cpu0 c1": lambda: c_latencies([*one_cpu, *c_client, "1"], ours),
-    }
-    lats: dict[str, list[float]] = {}
-    every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-    for _ in range(WINDOWS):
-        for name, measure in setups.items():
-            lats.setdefault(name, []).extend(measure())
-        if server is None:
-            continue
+    total = seconds * SHARE
+    setups: dict[str, Paced] = {}
+    try:
+        setups["in1"] = Paced([[*inproc, "1"]], env)
+        setups["in2"] = Paced([[*inproc, "2"]], env)
+        setups["floor"] = Paced([floor], env)
+        setups["py1"] = Paced([py_client], ours)
+        setups["py2"] = Paced([py_client] * 2, ours)
+        setups["c1"] = Paced([[*c_client, "1"]], ours)
+        setups["c2"] = Paced([[*c_client, "2"]], ours)
+    except BaseException:
+        for setup in setups.values():
+            setup.close()
+        raise
+    interleave(setups, total)
+    if server is not None:
+        every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         subprocess.run(
             ["taskset", "-a", "-p", "-c", "0", str(server)], capture_output=True, check=True
         )
+        pinned: dict[str, Paced] = {}
         try:
-            for name, measure in pinned.items():
-                lats.setdefault(name, []).extend(measure())
+            pinned["cpu0 in1"] = Paced([[*one_cpu, *inproc, "1"]], env)
+            pinned["cpu0 py1"] = Paced([[*one_cpu, *py_client]], ours)
+            pinned["cpu0 c1"] = Paced([[*one_cpu, *c_client, "1"]], ours)
+            interleave(pinned, total)
         finally:
+            for setup in pinned.values():
+                setup.close()
             subprocess.run(["taskset", "-a", "-p", "-c", every, str(server)], capture_output=True)
-    total = seconds * WINDOWS
-    rate = {name: len(lat) / total for name, lat in lats.items()}
-    in1, in2, floor = rate["in1"], rate["in2"], rate["floor"]
+        setups.update(pinned)
+    rate = {name: len(p.lat) / p.seconds for name, p in setups.items()}
+    in1, in2, floor_rate = rate["in1"], rate["in2"], rate["floor"]
     table = (
         ("in1", "ML-DSA-87: cryptography in-process, 1 thread", None, None),
         ("in2", "ML-DSA-87: cryptography in-process, 2 threads", None, None),
         ("floor", "ML-DSA-87: round-trip floor (a minimal signer in another process)", in1, None),
-        ("py1", "ML-DSA-87: via libpqhsm-pkcs11.so, python-pkcs11, 1 proc", in1, floor),
+        ("py1", "ML-DSA-87: via libpqhsm-pkcs11.so, python-pkcs11, 1 proc", in1, floor_rate),
         ("py2", "ML-DSA-87: via libpqhsm-pkcs11.so, python-pkcs11, 2 procs", in1, None),
-        ("c1", "ML-DSA-87: via libpqhsm-pkcs11.so, C client, 1 thread", in1, floor),
+        ("c1", "ML-DSA-87: via libpqhsm-pkcs11.so, C client, 1 thread", in1, floor_rate),
         ("c2", "ML-DSA-87: via libpqhsm-pkcs11.so, C client, 2 threads, one connection", in2, None),
         ("cpu0 in1", "ML-DSA-87, all on CPU 0: cryptography in-process, 1 thread", None, None),
         ("cpu0 py1", "ML-DSA-87, all on CPU 0: via libpqhsm-pkcs11.so, python-pkcs11", None, None),
         ("cpu0 c1", "ML-DSA-87, all on CPU 0: via libpqhsm-pkcs11.so, C client", None, None),
     )
     rows = []
-    for name, title, base, floor_rate in table:
-        if name not in lats:
+    for name, title, base, floor_of in table:
+        if name not in setups:
             continue
         if name.startswith("cpu0 ") and name != "cpu0 in1":
             base = rate["cpu0 in1"]
-        rows.append(row(title, lats[name], total, base, floor_rate)[0])
+        rows.append(row(title, setups[name].lat, setups[name].seconds, base, floor_of)[0])
     rows.append(
         f"| ML-DSA-87: 2 python-pkcs11 procs vs 1 | {rate['py2'] / rate['py1']:.2f}x | | | |"
     )
@@ -347,12 +413,13 @@ def main() -> int:
                 for n in (1, 4):
                     lat = run([worker(mod, label, mech)] * n, e, timeout)
                     rows.append(row(f"{title}: via {name}, {n} proc", lat, seconds, base)[0])
-        c_client = [str(driver), "mldsa", "b-ml", str(seconds)]
+        c_client = [str(driver), "mldsa", "b-ml", "-"]
+        py_paced = [sys.executable, "-c", PACED + WORKER, str(module), "b-ml", "-", "ML_DSA"]
         rows += mldsa_rows(
             seconds,
             env,
             ours,
-            worker(str(module), "b-ml", "ML_DSA"),
+            py_paced,
             c_client,
             server.pid if pin_cpu else None,
         )
@@ -372,7 +439,8 @@ def main() -> int:
         echo.wait(timeout=15)
         shutil.rmtree(root, ignore_errors=True)
     print(
-        f"# pqhsm module bench ({seconds:.0f} s per row, ML-DSA {WINDOWS} x {seconds:.0f} s, "
+        f"# pqhsm module bench ({seconds:.0f} s per row, ML-DSA {SHARE} x {seconds:.0f} s "
+        f"in turns of {WINDOW_MS} ms, "
         f"{os.cpu_count()} CPUs)\n"
     )
     print("| setup | signs/s | p50 | p99 | vs baseline |")

@@ -1,18 +1,22 @@
 /*
  * driver.c - a small C client of libpqhsm-pkcs11.so for the tests and the benchmark.
  *
- *   driver check PIN HYBRID_ID COMPOSITE_ID
+ *   PQHSM_TEST_PIN=... driver check HYBRID_ID COMPOSITE_ID
  *       Reaches the module through C_GetInterface (3.0 list), signs with CKM_PQHSM_DUAL
  *       (with a CK_SIGN_ADDITIONAL_CONTEXT, single-part and a 600 KB multi-part message)
  *       and CKM_PQHSM_COMPOSITE, and prints "name hex" lines.  Run under valgrind.
  *   driver overhead SOCKET_PATH N
  *       Times N C_GetSessionInfo calls through the module and N raw round trips of the
  *       same request frame on a socket of its own, and prints both medians in ns.
- *   driver mldsa PIN LABEL SECONDS [THREADS]
+ *   PQHSM_TEST_PIN=... driver mldsa LABEL SECONDS|- [THREADS]
  *       Signs a 64-byte message with CKM_ML_DSA (the ML-DSA key labelled LABEL) into a
- *       4627-byte buffer for SECONDS (C_SignInit + C_Sign: two round trips, no size
- *       query) and prints the count and each latency in ns, one per line.  With
- *       THREADS (default 1), that many threads sign at once, each on its own session.
+ *       4627-byte buffer for SECONDS (C_SignInit + C_Sign, one round trip with extension
+ *       v4, no size query) and prints the count and each latency in ns, one per line.
+ *       With THREADS (default 1), that many threads sign at once, each on its own
+ *       session.  SECONDS "-" signs in windows the caller paces: it prints "ready",
+ *       then for each line "MS" on standard input signs for MS milliseconds and prints
+ *       one line, the window's length in ns and then each latency in ns; it ends at
+ *       the end of its input (bench_module interleaves windows of several setups).
  *   driver echo SOCKET_PATH
  *       A canned-reply server (answers C_Initialize, C_OpenSession, C_GetSessionInfo,
  *       C_CloseSession and C_Finalize at once, in C): run overhead against it to time
@@ -305,12 +309,12 @@ typedef struct {
     CK_FUNCTION_LIST *fl;
     CK_SESSION_HANDLE session;
     CK_OBJECT_HANDLE key;
-    double seconds;
-    size_t count;
+    uint64_t end;
+    size_t count, cap;
     uint64_t *t;
 } signer;
 
-/* One thread: sign a 64-byte message with CKM_ML_DSA on its own session for `seconds`. */
+/* One thread: sign a 64-byte message with CKM_ML_DSA on its own session until `end`. */
 static void *sign_loop(void *arg)
 {
     signer *g = arg;
@@ -318,12 +322,8 @@ static void *sign_loop(void *arg)
     for (int i = 0; i < 64; i++)
         msg[i] = (CK_BYTE)i;
     CK_MECHANISM m = {CKM_ML_DSA, NULL, 0};
-    size_t cap = 1 << 20;
-    g->t = malloc(cap * sizeof(*g->t));
-    if (g->t == NULL)
-        die("malloc", 0);
-    uint64_t end = now_ns() + (uint64_t)(g->seconds * 1e9);
-    while (now_ns() < end && g->count < cap) {
+    g->count = 0;
+    while (now_ns() < g->end && g->count < g->cap) {
         uint64_t a = now_ns();
         CK_ULONG len = sizeof(sig);
         CHECK(g->fl->C_SignInit(g->session, &m, g->key));
@@ -333,7 +333,22 @@ static void *sign_loop(void *arg)
     return NULL;
 }
 
-static int mldsa_rate(const char *pin, const char *label, double seconds, int threads)
+/* All threads sign for `ns`; the window's real length in ns. */
+static uint64_t sign_window(signer *g, int threads, uint64_t ns)
+{
+    pthread_t tid[64];
+    uint64_t start = now_ns();
+    for (int i = 0; i < threads; i++) {
+        g[i].end = start + ns;
+        if (pthread_create(&tid[i], NULL, sign_loop, &g[i]) != 0)
+            die("pthread_create", 0);
+    }
+    for (int i = 0; i < threads; i++)
+        pthread_join(tid[i], NULL);
+    return now_ns() - start;
+}
+
+static int mldsa_rate(const char *pin, const char *label, const char *seconds, int threads)
 {
     if (threads < 1 || threads > 64)
         die("thread count", (CK_RV)threads);
@@ -356,30 +371,43 @@ static int mldsa_rate(const char *pin, const char *label, double seconds, int th
     if (n != 1)
         die("find", n);
     signer g[64];
-    pthread_t tid[64];
     memset(g, 0, sizeof(g));
     for (int i = 0; i < threads; i++) {
         g[i].fl = fl;
         g[i].key = key;
-        g[i].seconds = seconds;
         g[i].session = s;
+        g[i].cap = 1 << 20;
+        g[i].t = malloc(g[i].cap * sizeof(*g[i].t));
+        if (g[i].t == NULL)
+            die("malloc", 0);
         if (i > 0)
             CHECK(fl->C_OpenSession(1, CKF_SERIAL_SESSION, NULL, NULL, &g[i].session));
     }
+    if (strcmp(seconds, "-") == 0) {
+        printf("ready\n");
+        fflush(stdout);
+        char line[64];
+        while (fgets(line, sizeof(line), stdin) != NULL) {
+            uint64_t took = sign_window(g, threads, (uint64_t)(atof(line) * 1e6));
+            printf("%lu", (unsigned long)took);
+            for (int i = 0; i < threads; i++)
+                for (size_t j = 0; j < g[i].count; j++)
+                    printf(" %lu", (unsigned long)g[i].t[j]);
+            printf("\n");
+            fflush(stdout);
+        }
+    } else {
+        sign_window(g, threads, (uint64_t)(atof(seconds) * 1e9));
+        size_t total = 0;
+        for (int i = 0; i < threads; i++)
+            total += g[i].count;
+        printf("%zu\n", total);
+        for (int i = 0; i < threads; i++)
+            for (size_t j = 0; j < g[i].count; j++)
+                printf("%lu\n", (unsigned long)g[i].t[j]);
+    }
     for (int i = 0; i < threads; i++)
-        if (pthread_create(&tid[i], NULL, sign_loop, &g[i]) != 0)
-            die("pthread_create", 0);
-    size_t total = 0;
-    for (int i = 0; i < threads; i++) {
-        pthread_join(tid[i], NULL);
-        total += g[i].count;
-    }
-    printf("%zu\n", total);
-    for (int i = 0; i < threads; i++) {
-        for (size_t j = 0; j < g[i].count; j++)
-            printf("%lu\n", (unsigned long)g[i].t[j]);
         free(g[i].t);
-    }
     CHECK(fl->C_Finalize(NULL));
     return 0;
 }
@@ -464,13 +492,13 @@ int main(int argc, char **argv)
     if (argc == 3 && strcmp(argv[1], "echo") == 0)
         echo(argv[2]);
     if ((argc == 4 || argc == 5) && strcmp(argv[1], "mldsa") == 0)
-        return mldsa_rate(test_pin(), argv[2], atof(argv[3]), argc == 5 ? atoi(argv[4]) : 1);
+        return mldsa_rate(test_pin(), argv[2], argv[3], argc == 5 ? atoi(argv[4]) : 1);
     if (argc == 4 && strcmp(argv[1], "check") == 0)
         return check(test_pin(), argv[2], argv[3]);
     if (argc == 4 && strcmp(argv[1], "overhead") == 0)
         return overhead(argv[2], atol(argv[3]));
     fprintf(stderr, "usage: PQHSM_TEST_PIN=... driver check HYBRID_ID COMPOSITE_ID\n"
-                    "       PQHSM_TEST_PIN=... driver mldsa LABEL SECONDS [THREADS]\n"
+                    "       PQHSM_TEST_PIN=... driver mldsa LABEL SECONDS|- [THREADS]\n"
                     "       driver overhead SOCKET_PATH N\n"
                     "       driver echo SOCKET_PATH\n");
     return 2;
