@@ -138,7 +138,8 @@ class _Conn:
     A multiplexed connection (extension v3, ``mux``) also has calls running on workers
     while the loop goes on serving it (``inflight``, on the sessions ``running``); those
     workers send their replies under ``lock``, which guards the socket's sends, ``outbuf``,
-    ``inflight``, ``running`` and ``stalled`` (a request waits for in-flight calls).
+    ``inflight``, ``running``, ``stalled`` (a request waits for in-flight calls) and
+    ``parked`` (what such a worker leaves for the one holding the connection).
     """
 
     __slots__ = (
@@ -155,6 +156,7 @@ class _Conn:
         "lock",
         "mux",
         "outbuf",
+        "parked",
         "reading",
         "running",
         "sock",
@@ -181,6 +183,11 @@ class _Conn:
         self.reading = False
         self.handbacks = 0
         self.held = False  # a worker waits on it for its next request (with busy)
+        #: A call's worker that had to give the connection back to the loop (a reply not
+        #: sent whole, or an error) while another worker held it leaves that here for the
+        #: holder: "" (the loop sends and serves what is left) or the error (the loop
+        #: closes it).  The holder hands it over when it lets the connection go.
+        self.parked: str | None = None
         self.lock = threading.Lock()
 
     def mask(self) -> int:
@@ -607,8 +614,8 @@ class Server:
         self, conn: _Conn, code: int, body: bytes | bytearray, session: int | None
     ) -> None:
         """Worker side of a multiplexed connection's call: run it and send its reply,
-        beside the loop and other workers serving the same connection; then, when nothing
-        else of the connection's is going on, wait here for its next request (_linger)."""
+        beside the loop and other workers serving the same connection; then, when the loop
+        has nothing of the connection's to do, wait here for its next request (_linger)."""
         call: tuple[int, bytes | bytearray, int | None] | None = (code, body, session)
         while call is not None:
             if not self._answer_parallel(conn, *call):
@@ -648,6 +655,9 @@ class Server:
                 if claimed:  # the loop sends the rest (it registers the connection again)
                     claimed = False
                     self._unclaim(conn)
+                if conn.held:  # another worker waits on it: that one hands it over
+                    conn.parked = error or conn.parked or ""
+                    return False
                 conn.handbacks += 1
         if handback:
             self._mux_done.append((conn, error))
@@ -657,14 +667,16 @@ class Server:
 
     def _claim(self, conn: _Conn) -> bool:
         """Take a multiplexed connection over from the loop (out of epoll, ``held``) when
-        nothing else of it is going on: no call in flight, no bytes or reply waiting, the
-        loop not serving it, a lingering slot free.  Called with ``conn.lock`` held (the
-        loop closes a connection under it: a closed one's descriptor may already be
-        another connection's)."""
+        the loop has nothing of it to do: no bytes or reply waiting, no request waiting
+        for calls in flight, the loop not serving it, no other worker holding it, a
+        lingering slot free.  Calls of it may be in flight on other workers (a client's
+        threads signing on their own sessions): they send their replies beside the
+        holder, and leave it anything for the loop (``parked``).  Called with
+        ``conn.lock`` held (the loop closes a connection under it: a closed one's
+        descriptor may already be another connection's)."""
         if (
             conn.sock.fileno() < 0
             or conn.busy
-            or conn.inflight
             or conn.reading
             or conn.handbacks
             or conn.inbuf
@@ -709,19 +721,19 @@ class Server:
         pinned to one CPU 173-212 -> 141-159 us).  While the worker waits the connection
         is out of epoll and ``busy``, so the loop leaves it alone; the next call goes back
         into epoll before it runs, so the client's other threads are served beside it.
+        Other threads' calls may be in flight meanwhile (each on its own session): a
+        client's threads sharing the module's one connection then have their requests
+        read by the worker that answered last, not by the loop (two C client threads,
+        client turnaround from reply to next request, mean 317-330 -> 254-279 us).
         """
         try:
             waiting = select.poll()
             waiting.register(conn.fd, select.POLLIN)
-            if not waiting.poll(_LINGER_MS) or self._closing.is_set():
-                self._release(conn)
+            if not waiting.poll(_LINGER_MS) or self._closing.is_set() or conn.parked is not None:
+                self._let_go(conn, to_loop=False)
                 return None
             call = self._read_next(conn)
-            if call is None or conn.inbuf:
-                self._done.append((conn, b"", None))  # the loop reads what is left
-                self._wake()
-            else:
-                self._release(conn)
+            self._let_go(conn, to_loop=call is None or bool(conn.inbuf))
             return call
         except OSError as exc:
             self._done.append((conn, None, f"connection ended: {type(exc).__name__}"))
@@ -765,10 +777,23 @@ class Server:
         if how is not Plan.PARALLEL:
             return None
         with conn.lock:
+            if session in conn.running or conn.inflight >= MAX_IN_FLIGHT:
+                return None  # it waits for a call in flight: the loop holds it back
             conn.inflight += 1
             conn.running.add(session)
         del buf[:end]
         return code, body, session
+
+    def _let_go(self, conn: _Conn, *, to_loop: bool) -> None:
+        """Give up a connection this worker holds: back into epoll, or (``to_loop``: bytes
+        are buffered, or a call's worker parked a hand-back meanwhile) to the loop, which
+        serves what is left or closes it on a parked error."""
+        with conn.lock:
+            if conn.parked is None and not to_loop:
+                self._release(conn)
+                return
+        self._done.append((conn, b"", None))  # _finish_long_calls takes ``parked``
+        self._wake()
 
     def _release(self, conn: _Conn) -> None:
         """Give a connection a worker held back to the loop's epoll."""
@@ -847,14 +872,17 @@ class Server:
             with conn.lock:
                 conn.busy = conn.held = False
                 conn.reading = True  # no worker takes it over until this is done
+                parked, conn.parked = conn.parked, None
             try:
                 if self._conns.get(conn.fd) is not conn:
                     continue  # dropped meanwhile
                 conn.deadline = time.monotonic() + self.idle_timeout
-                if frame is None:
-                    log.warning("closing a PKCS#11 connection: %s", error)
+                if frame is None or parked:
+                    log.warning("closing a PKCS#11 connection: %s", error or parked)
                     self._drop(conn)
                     continue
+                if parked is not None:  # a call ended while a worker held it
+                    conn.stalled = False
                 self._resume(conn, frame)
             finally:
                 conn.reading = False

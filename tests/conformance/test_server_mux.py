@@ -11,8 +11,10 @@ session sees (login state, the session table, objects) wait until nothing is in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -35,9 +37,9 @@ from appliance.service import Appliance
 from conftest import PIN
 from pkcs11_shim import dispatch as dispatch_module
 from pkcs11_shim import server as server_module
-from pkcs11_shim.dispatch import CALL_SIGN_ONCE
+from pkcs11_shim.dispatch import CALL_SIGN_ONCE, _session_of
 from pkcs11_shim.model import SLOT_ID
-from pkcs11_shim.rpc import Reader, request_body
+from pkcs11_shim.rpc import ProtocolError, Reader, request_body
 from pkcs11_shim.server import EXTENSION_VERSION_3, EXTENSION_VERSION_4, Server
 
 pytestmark = [pytest.mark.conformance, pytest.mark.softhsm]
@@ -105,6 +107,14 @@ class Mux:
         assert signature is not None
         assert self.key.pqc_public is not None
         mldsa.MLDSA87PublicKey.from_public_bytes(self.key.pqc_public).verify(signature, message)
+
+    def signs_once(self, peer: MuxPeer, code: int, session: int, key: int, message: bytes) -> None:
+        """``peer`` signs ``message`` in one request (v4) and the next reply is its right
+        signature."""
+        peer.sock.sendall(peer.once_frame(code, session, key, message))
+        got, r = peer.reply()
+        assert got == code
+        self.check(r.ay(), message)
 
     def still_signs(self, message: bytes) -> None:
         """A new client signs ``message`` with the ML-DSA key and the signature verifies."""
@@ -410,10 +420,7 @@ def test_a_signer_in_a_loop_is_read_by_the_worker_that_answered_it(
     with _one_cpu():
         for i in range(8):
             m = os.urandom(20 + i)
-            p.sock.sendall(p.once_frame(800 + i, s, key, m))
-            code, r = p.reply()
-            assert code == 800 + i
-            mux.check(r.ay(), m)
+            mux.signs_once(p, 800 + i, s, key, m)
     assert ran == [CALL_SIGN_ONCE] * 7  # all but the first, which the loop read
     assert woke == [False]  # the loop woke for the first request only
     p.sock.sendall(p.wire(810, 13, "u", _u64(s)))  # C_GetSessionInfo
@@ -508,10 +515,7 @@ def test_only_so_many_workers_wait_on_connections(
     for rnd in range(2):
         for i, (p, s, key) in enumerate(zip(peers, sessions, keys, strict=True)):
             m = os.urandom(24 + i)
-            p.sock.sendall(p.once_frame(1100 + 10 * rnd + i, s, key, m))
-            code, r = p.reply()
-            assert code == 1100 + 10 * rnd + i
-            mux.check(r.ay(), m)
+            mux.signs_once(p, 1100 + 10 * rnd + i, s, key, m)
         assert mux.server._lingering == 1
     mux.still_signs(b"a fourth client")
     for p in peers:
@@ -539,13 +543,153 @@ def test_a_pin_read_by_a_waiting_worker_is_wiped_from_its_buffer(
     key = p.find_private(s, mux.key)
     for i in range(3):
         m = os.urandom(20 + i)
-        p.sock.sendall(p.once_frame(1200 + i, s, key, m))  # its worker then waits
-        code, r = p.reply()
-        assert code == 1200 + i
-        mux.check(r.ay(), m)
+        mux.signs_once(p, 1200 + i, s, key, m)  # its worker then waits
         p.sock.sendall(p.wire(1210 + i, 18, "uuay", _u64(s) + _u64(1) + _ay(PIN)))
         code, login = p.reply()
         assert (code, login.call_id, login.u()) == (1210 + i, 0, 0x100)  # ALREADY_LOGGED_IN
     assert len(buffers) == 3  # each login came through the waiting worker
     assert all(not any(b) for b in buffers)
+    p.close()
+
+
+@dataclass
+class _SessionHold:
+    """SignOnce requests of one session wait on their workers until ``release`` (at most
+    10 s); each such call's dispatch start and end are recorded, and with ``fail`` set
+    the held call raises ProtocolError once released (its connection must be closed)."""
+
+    session: int = 0
+    only_first: bool = False
+    fail: bool = False
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started: threading.Event = dataclasses.field(default_factory=threading.Event)
+    spans: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+
+def _hold_session(monkeypatch: pytest.MonkeyPatch, hold: _SessionHold) -> None:
+    real = dispatch_module.dispatch
+
+    def held_dispatch(client: object, body: bytes) -> bytes:
+        if body[:4] != CALL_SIGN_ONCE.to_bytes(4, "big") or _session_of(body) != hold.session:
+            return real(client, body)  # type: ignore[arg-type]
+        start = time.monotonic()
+        try:
+            if not (hold.only_first and hold.spans):
+                hold.started.set()
+                hold.release.wait(10)
+                if hold.fail:
+                    raise ProtocolError("held call failed")
+            return real(client, body)  # type: ignore[arg-type]
+        finally:
+            hold.spans.append((start, time.monotonic()))
+
+    monkeypatch.setattr("pkcs11_shim.server.dispatch", held_dispatch)
+
+
+def _one_held(
+    mux: Mux,
+    monkeypatch: pytest.MonkeyPatch,
+    hold: _SessionHold,
+    linger_ms: int,
+    code: int,
+    message: bytes,
+) -> tuple[MuxPeer, int, int]:
+    """A v4 client with two sessions whose second one's signature of ``message`` (request
+    ``code``) is now held on its worker; the client, its first session and the key."""
+    monkeypatch.setattr(server_module, "_LINGER_MS", linger_ms)
+    _hold_session(monkeypatch, hold)
+    p = MuxPeer(mux.server.path, EXTENSION_VERSION_4)
+    s1, hold.session = p.setup(2)
+    key = p.find_private(s1, mux.key)
+    p.sock.sendall(p.once_frame(code, hold.session, key, message))
+    assert hold.started.wait(10), "the held call never started"
+    return p, s1, key
+
+
+def test_a_worker_waits_on_a_connection_while_another_session_signs(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's two threads on one connection: while one thread's signature runs (held
+    here), the worker that answered the other thread takes the connection over and reads
+    that thread's next requests itself (a connection with a call in flight used to be
+    left to the loop: each request cost a wake-up of the loop thread and a hand-off to
+    a worker); every signature is right."""
+    ran = _count_lingering_reads(monkeypatch)
+    held = os.urandom(33)
+    hold = _SessionHold()
+    p, s1, key = _one_held(mux, monkeypatch, hold, 2000, 1300, held)
+    for i in range(6):
+        m = os.urandom(20 + i)
+        mux.signs_once(p, 1301 + i, s1, key, m)
+    # All but the first (the loop's) as a rule; on a loaded machine the loop may still be
+    # leaving the connection when a worker would take it, and then reads one more.
+    assert ran.count(CALL_SIGN_ONCE) == len(ran) >= 3
+    hold.release.set()
+    code, r = p.reply()
+    assert code == 1300
+    mux.check(r.ay(), held)
+    p.close()
+
+
+def test_a_waiting_worker_leaves_a_busy_sessions_request_to_wait(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second signature on a session whose first one still runs, read by the worker
+    waiting on the connection, is not run beside it: it waits (the loop holds it back)
+    and runs once the first is done, so the session's replies come in order."""
+    first, second, other = os.urandom(34), os.urandom(35), os.urandom(36)
+    hold = _SessionHold(only_first=True)
+    p, s1, key = _one_held(mux, monkeypatch, hold, 2000, 1400, first)
+    mux.signs_once(p, 1401, s1, key, other)  # its worker now waits on the connection
+    p.sock.sendall(p.once_frame(1402, hold.session, key, second))
+    time.sleep(0.2)  # time to run it, were it run beside the first
+    assert len(hold.spans) == 0  # neither has ended, and the second has not started
+    hold.release.set()
+    (c1, r1), (c2, r2) = p.reply(), p.reply()
+    assert (c1, c2) == (1400, 1402)
+    mux.check(r1.ay(), first)
+    mux.check(r2.ay(), second)
+    (_, end_first), (start_second, _) = hold.spans
+    assert start_second >= end_first
+
+
+def test_a_call_failing_while_a_worker_waits_closes_the_connection(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call whose request turns out malformed while another worker waits on its
+    connection: that worker hands the connection to the loop, which closes it (the
+    failing call's worker never does, so a descriptor the loop closed and reused is
+    never waited on); the server goes on serving."""
+    hold = _SessionHold(fail=True)
+    p, s1, key = _one_held(mux, monkeypatch, hold, 300, 1500, b"fails")
+    mux.signs_once(p, 1501, s1, key, b"fine")  # its worker now waits on the connection
+    with caplog.at_level(logging.WARNING, logger="pkcs11_shim.server"):
+        hold.release.set()
+        with pytest.raises(ConnectionError):
+            _read_until_closed(p)
+    assert "closing a PKCS#11 connection: held call failed" in caplog.text
+    mux.still_signs(b"still serving")
+
+
+def test_a_reply_not_sent_whole_while_a_worker_waits_still_goes_out(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signature whose reply the socket takes only in part while another worker waits
+    on the connection: that worker hands the connection to the loop, which sends the
+    rest once the client reads, and the connection goes on serving."""
+    held, fine = os.urandom(37), os.urandom(38)
+    hold = _SessionHold()
+    p, s1, key = _one_held(mux, monkeypatch, hold, 300, 1600, held)
+    mux.signs_once(p, 1601, s1, key, fine)  # its worker now waits on the connection
+    (conn,) = mux.server._conns.values()
+    assert conn.held
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's least
+    assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4627
+    hold.release.set()
+    time.sleep(0.5)  # the held reply is sent in part; the waiting worker's wait ends
+    code, r = p.reply()
+    assert code == 1600
+    mux.check(r.ay(), held)
+    again = os.urandom(39)
+    mux.signs_once(p, 1602, s1, key, again)
     p.close()
