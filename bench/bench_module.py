@@ -121,7 +121,7 @@ with token.open(user_pin=pin) as s:
 print(json.dumps(lat))
 """
 
-#: The baseline: ``cryptography`` signing in the client's own process (paced).
+#: The baseline: ``cryptography`` signing in a process of its own (paced).
 INPROCESS_MLDSA = r"""
 from cryptography.hazmat.primitives.asymmetric import mldsa
 key = mldsa.MLDSA87PrivateKey.generate()
@@ -215,6 +215,7 @@ class Paced:
         self.seconds = 0.0
         for p in self.procs:
             if p.stdout is None or p.stdout.readline().strip() != "ready":
+                self.close()
                 raise RuntimeError(f"{argvs[0][:4]} did not start")
 
     def window(self, ms: int) -> None:
