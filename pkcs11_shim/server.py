@@ -22,8 +22,8 @@ its client may have several calls out at once (one per application thread), so t
 keeps reading it, answers its short calls at once and runs its long signatures and
 verifications of different sessions side by side, each worker sending its reply as soon
 as it is ready (:func:`~pkcs11_shim.dispatch.plan` says which requests must wait for the
-calls in flight).  The worker that answered such a connection, when nothing else of
-it is going on, waits a few milliseconds on its socket for the next request
+calls in flight).  The worker that answered such a connection, when the loop has
+nothing of it to do, waits a few milliseconds on its socket for the next request
 (:meth:`Server._linger`): a client signing ML-DSA in a loop then skips two thread
 wake-ups per signature.  Replies that do not fit the socket buffer wait in the
 connection's output buffer (``EPOLLOUT``); no thread ever blocks on a slow reader.
@@ -477,23 +477,18 @@ class Server:
         """Answer the request when the ``n`` bytes just read into the loop's buffer are one
         whole frame of a short call on a plain connection, the usual case: straight from
         that buffer, not through the connection's.  False for anything else (a
-        multiplexed connection, part of a frame or more than one, a frame the server
-        refuses, a PIN, a long call), which :meth:`_process` then takes as it comes.
+        multiplexed connection, part of a frame or more than one, a PIN, a long call),
+        which :meth:`_process` then takes as it comes.
 
-        :raises ProtocolError: the connection must be closed.
+        :raises ProtocolError: the frame's header is refused; the connection must be closed.
         :raises OSError: the connection failed.
         """
-        if n < HEADER.size or conn.mux or conn.busy or conn.outbuf or not conn.handshaken:
+        if conn.mux or conn.busy or conn.outbuf or not conn.handshaken:
             return False
-        code, options_len, body_len = HEADER.unpack_from(self._rbuf)
-        start = HEADER.size + options_len
-        if (
-            start + body_len != n
-            or not 8 <= body_len <= self.max_message
-            or options_len > self.max_message
-            or _CALL_ID.unpack_from(self._rbuf, start)[0] in PIN_CALLS
-        ):
+        frame = self._frame(self._rview[:n])
+        if frame is None or frame[2] != n or frame[3]:
             return False
+        code, start, _end, _secret = frame
         body = bytes(self._rview[start:n])
         if runs_long(conn.client, body):
             return False
@@ -528,18 +523,10 @@ class Server:
                 conn.handshaken = True
                 self._send(conn, bytes((version,)))
                 continue
-            if len(buf) < HEADER.size:
+            frame = self._frame(buf)
+            if frame is None:
                 return
-            code, options_len, body_len = HEADER.unpack_from(buf)
-            if max(options_len, body_len) > self.max_message:
-                raise ProtocolError("message over the size limit")
-            if body_len < 8:
-                raise ProtocolError("body too short")
-            start = HEADER.size + options_len  # options: the client's module name
-            end = start + body_len
-            if len(buf) < end:
-                return
-            secret = int.from_bytes(buf[start : start + 4], "big") in PIN_CALLS
+            code, start, end, secret = frame
             body = self._take_secret(buf, start, end) if secret else bytes(buf[start:end])
             if conn.mux:
                 if not self._start_mux(conn, code, body):
@@ -555,6 +542,25 @@ class Server:
                 self._submit(conn, self._long_call, conn, code, body)
                 return
             self._send(conn, encode_frame(code, dispatch(conn.client, body)))
+
+    def _frame(self, buf: bytearray | memoryview) -> tuple[int, int, int, bool] | None:
+        """The first frame in ``buf``: its code, where its body starts and ends, and
+        whether it carries a PIN (:data:`PIN_CALLS`); None until all of it is there.
+
+        :raises ProtocolError: its header is one the server refuses.
+        """
+        if len(buf) < HEADER.size:
+            return None
+        code, options_len, body_len = HEADER.unpack_from(buf)
+        if max(options_len, body_len) > self.max_message:
+            raise ProtocolError("message over the size limit")
+        if body_len < 8:
+            raise ProtocolError("body too short")
+        start = HEADER.size + options_len  # options: the client's module name
+        end = start + body_len
+        if len(buf) < end:
+            return None
+        return code, start, end, _CALL_ID.unpack_from(buf, start)[0] in PIN_CALLS
 
     @staticmethod
     def _take_secret(buf: bytearray, start: int, end: int) -> bytearray:
@@ -763,15 +769,13 @@ class Server:
         if not n:
             return None  # the client is gone: the loop sees the end of the stream
         conn.deadline = time.monotonic() + self.idle_timeout
-        if len(buf) < HEADER.size:
-            return None
-        code, options_len, body_len = HEADER.unpack_from(buf)
-        start = HEADER.size + options_len
-        end = start + body_len
-        if len(buf) < end or max(options_len, body_len) > self.max_message:
-            return None  # part of a frame, or one the loop refuses
-        if body_len < 8 or int.from_bytes(buf[start : start + 4], "big") in PIN_CALLS:
-            return None
+        try:
+            frame = self._frame(buf)
+        except ProtocolError:
+            return None  # the loop refuses it
+        if frame is None or frame[3]:
+            return None  # part of a frame, or a PIN (the loop's path wipes it)
+        code, start, end, _secret = frame
         body = bytes(buf[start:end])
         how, session = plan(conn.client, body)
         if how is not Plan.PARALLEL:
