@@ -248,14 +248,15 @@ class Paced:
 def interleave(setups: dict[str, Paced], seconds: float) -> None:
     """Give each setup windows of :data:`WINDOW_MS` in turn until each has signed for
     ``seconds``: a slow stretch of the shared machine then hits every setup alike."""
-    rounds = max(1, round(seconds * 1e3 / WINDOW_MS))
-    try:
-        for _ in range(rounds):
-            for setup in setups.values():
-                setup.window(WINDOW_MS)
-    finally:
+    for _ in range(max(1, round(seconds * 1e3 / WINDOW_MS))):
         for setup in setups.values():
-            setup.close()
+            setup.window(WINDOW_MS)
+
+
+def close_all(setups: dict[str, Paced]) -> None:
+    """Stop every setup's clients (the ML-DSA rows' one place for it, on any outcome)."""
+    for setup in setups.values():
+        setup.close()
 
 
 def mldsa_rows(
@@ -287,11 +288,9 @@ def mldsa_rows(
         setups["py2"] = Paced([py_client] * 2, ours)
         setups["c1"] = Paced([[*c_client, "1"]], ours)
         setups["c2"] = Paced([[*c_client, "2"]], ours)
-    except BaseException:
-        for setup in setups.values():
-            setup.close()
-        raise
-    interleave(setups, total)
+        interleave(setups, total)
+    finally:
+        close_all(setups)
     if server is not None:
         every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         subprocess.run(
@@ -304,8 +303,7 @@ def mldsa_rows(
             pinned["cpu0 c1"] = Paced([[*one_cpu, *c_client, "1"]], ours)
             interleave(pinned, total)
         finally:
-            for setup in pinned.values():
-                setup.close()
+            close_all(pinned)
             subprocess.run(["taskset", "-a", "-p", "-c", every, str(server)], capture_output=True)
         setups.update(pinned)
     rate = {name: len(p.lat) / p.seconds for name, p in setups.items()}
